@@ -1,0 +1,117 @@
+"""Megatron-core parameter names: the canonical set, their aliases, and how TP shards partition them.
+
+Canonical names are the mcore names with *global* layer numbers and the un-fused norm names
+(`input_layernorm`, `pre_mlp_layernorm`); readers translate what they find on disk into them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from converters.model import ModelConfig
+
+# How Megatron splits a tensor over training TP ranks (spec §1, "Merging legacy TP shards").
+Partition = Literal["rows", "cols", "gated_rows", "replicated"]
+
+
+@dataclass(frozen=True)
+class ParamKind:
+    partition: Partition
+    shape: Callable[[ModelConfig], tuple[int, ...]]
+
+
+def _fc1_partition(cfg: ModelConfig) -> Partition:
+    return "gated_rows" if cfg.gated_mlp else "rows"
+
+
+GLOBAL_PARAMS: dict[str, ParamKind] = {
+    "embedding.word_embeddings.weight": ParamKind("rows", lambda c: (c.vocab_size, c.hidden_size)),
+    "embedding.position_embeddings.weight": ParamKind(
+        "replicated", lambda c: (c.max_position_embeddings, c.hidden_size)
+    ),
+    "decoder.final_layernorm.weight": ParamKind("replicated", lambda c: (c.hidden_size,)),
+    "decoder.final_layernorm.bias": ParamKind("replicated", lambda c: (c.hidden_size,)),
+    "output_layer.weight": ParamKind("rows", lambda c: (c.vocab_size, c.hidden_size)),
+}
+
+# Per-layer parameters, keyed by the suffix after `decoder.layers.{i}.`.
+LAYER_PARAMS: dict[str, ParamKind] = {
+    "input_layernorm.weight": ParamKind("replicated", lambda c: (c.hidden_size,)),
+    "input_layernorm.bias": ParamKind("replicated", lambda c: (c.hidden_size,)),
+    "self_attention.linear_qkv.weight": ParamKind("rows", lambda c: (c.qkv_rows, c.hidden_size)),
+    "self_attention.linear_qkv.bias": ParamKind("rows", lambda c: (c.qkv_rows,)),
+    "self_attention.linear_proj.weight": ParamKind(
+        "cols", lambda c: (c.hidden_size, c.attention_width)
+    ),
+    "self_attention.linear_proj.bias": ParamKind("replicated", lambda c: (c.hidden_size,)),
+    "pre_mlp_layernorm.weight": ParamKind("replicated", lambda c: (c.hidden_size,)),
+    "pre_mlp_layernorm.bias": ParamKind("replicated", lambda c: (c.hidden_size,)),
+    "mlp.linear_fc1.weight": ParamKind("rows", lambda c: (c.fc1_rows, c.hidden_size)),
+    "mlp.linear_fc1.bias": ParamKind("rows", lambda c: (c.fc1_rows,)),
+    "mlp.linear_fc2.weight": ParamKind("cols", lambda c: (c.hidden_size, c.ffn_hidden_size)),
+    "mlp.linear_fc2.bias": ParamKind("replicated", lambda c: (c.hidden_size,)),
+}
+
+# Transformer Engine fuses the norms into the following linear layer (and torch_dist always
+# stores them under these names).
+FUSED_NORM_ALIASES: dict[str, str] = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+
+_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def is_ignored(key: str) -> bool:
+    """Entries that carry no weights: Transformer Engine `_extra_state` (and its torch_dist shards)."""
+    return "_extra_state" in key
+
+
+def layer_suffix(suffix: str) -> str | None:
+    """The canonical per-layer suffix for a stored one (resolving fused-norm aliases), or None."""
+    suffix = FUSED_NORM_ALIASES.get(suffix, suffix)
+    return suffix if suffix in LAYER_PARAMS else None
+
+
+def parse_layer_key(key: str) -> tuple[int, str] | None:
+    """(local layer index, canonical suffix) for a per-layer key, None for anything else."""
+    match = _LAYER_KEY.match(key)
+    if not match:
+        return None
+    suffix = layer_suffix(match.group(2))
+    return (int(match.group(1)), suffix) if suffix else None
+
+
+def layer_name(layer: int, suffix: str) -> str:
+    """The canonical name of a per-layer parameter."""
+    return f"decoder.layers.{layer}.{suffix}"
+
+
+def param_kind(name: str) -> ParamKind:
+    """The partition rule and expected shape of a canonical name."""
+    if name in GLOBAL_PARAMS:
+        return GLOBAL_PARAMS[name]
+    match = _LAYER_KEY.match(name)
+    if match and match.group(2) in LAYER_PARAMS:
+        return LAYER_PARAMS[match.group(2)]
+    raise KeyError(name)
+
+
+def partition_of(name: str, cfg: ModelConfig) -> Partition:
+    """How training TP splits the canonical tensor `name`."""
+    kind = param_kind(name)
+    if kind.partition == "rows" and name.endswith("mlp.linear_fc1.weight"):
+        return _fc1_partition(cfg)
+    if kind.partition == "rows" and name.endswith("mlp.linear_fc1.bias"):
+        return _fc1_partition(cfg)
+    return kind.partition
+
+
+def expected_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
+    """The global shape `name` must have for a model with config `cfg`."""
+    return param_kind(name).shape(cfg)

@@ -1,0 +1,87 @@
+"""Find and open a Megatron checkpoint: follow `latest_checkpointed_iteration.txt`, detect the format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+from converters.errors import NotAMegatronCheckpoint
+from converters.model import ModelConfig
+from converters.tensors import LazyTensor
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+
+
+class SourceCheckpoint(Protocol):
+    """What re-shard rules need from a source: the config and global tensors by canonical name."""
+
+    path: Path
+    format: str
+    config: ModelConfig
+    tp: int
+    pp: int
+
+    def has(self, name: str) -> bool: ...
+
+    def tensor(self, name: str) -> LazyTensor: ...
+
+    def files(self) -> list[Path]: ...
+
+
+def resolve_iteration_dir(source: Path) -> Path:
+    """The directory holding one iteration's files, following `latest_checkpointed_iteration.txt`."""
+    source = Path(source)
+    if not source.exists():
+        raise NotAMegatronCheckpoint("no such file or directory", source)
+    if not source.is_dir():
+        raise NotAMegatronCheckpoint("expected a checkpoint directory, got a file", source)
+    latest = source / LATEST_FILE
+    if latest.is_file():
+        text = latest.read_text().strip()
+        if text == "release":
+            name = "release"
+        elif text.isdigit():
+            name = f"iter_{int(text):07d}"
+        else:
+            raise NotAMegatronCheckpoint(
+                f"expected an iteration number or 'release', found {text[:40]!r}", latest
+            )
+        target = source / name
+        if not target.is_dir():
+            raise NotAMegatronCheckpoint(f"points at {name}/, which does not exist", latest)
+        return target
+    return source
+
+
+def detect_format(iter_dir: Path) -> str:
+    """ "torch_dist" or "legacy" for an iteration directory; a clear error for anything else."""
+    metadata = iter_dir / "metadata.json"
+    if metadata.is_file():
+        try:
+            backend = json.loads(metadata.read_text()).get("sharded_backend")
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise NotAMegatronCheckpoint(f"unreadable metadata.json: {exc}", metadata) from exc
+        if backend == "torch_dist":
+            return "torch_dist"
+        raise NotAMegatronCheckpoint(
+            f"sharded_backend {backend!r} is not supported (only torch_dist)", metadata
+        )
+    if any(child.name.startswith("mp_rank_") and child.is_dir() for child in iter_dir.iterdir()):
+        return "legacy"
+    raise NotAMegatronCheckpoint(
+        f"not a Megatron checkpoint: no {LATEST_FILE}, metadata.json or mp_rank_* directories",
+        iter_dir,
+    )
+
+
+def open_checkpoint(source: Path) -> SourceCheckpoint:
+    """Open a Megatron checkpoint (root, iteration directory, legacy or torch_dist) for reading."""
+    iter_dir = resolve_iteration_dir(Path(source))
+    if detect_format(iter_dir) == "torch_dist":
+        from converters.megatron.dist_source import DistSource
+
+        return DistSource(iter_dir)
+    from converters.megatron.legacy import LegacyCheckpoint
+
+    return LegacyCheckpoint(iter_dir)

@@ -1,0 +1,269 @@
+"""Legacy Megatron checkpoints: one `model_optim_rng.pt` per (TP, PP) rank under `mp_rank_*` folders.
+
+Files are opened lazily and memory-mapped: a tensor's shards are only loaded when a re-shard rule
+materializes the part of them it needs, so a target rank touches only its share of the bytes (and
+never the optimizer state stored in the same files).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from converters.errors import CorruptCheckpoint, NotAMegatronCheckpoint, UnsupportedModel
+from converters.megatron import names
+from converters.megatron.args import model_config_from_args, parallel_sizes
+from converters.megatron.safe_load import load_pt
+from converters.model import ModelConfig
+from converters.tensors import Concat, LazyTensor, concat
+
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+_MODEL_FILES = ("model_optim_rng.pt", "model_rng.pt")
+
+
+def find_rank_dirs(iter_dir: Path) -> dict[tuple[int, int], Path]:
+    """{(tp, pp): folder} for the `mp_rank_*` folders of an iteration directory."""
+    found = {}
+    for child in iter_dir.iterdir():
+        match = _RANK_DIR.match(child.name)
+        if match and child.is_dir():
+            found[(int(match.group(1)), int(match.group(2) or 0))] = child
+    return found
+
+
+class _ShardFiles:
+    """The rank files of one checkpoint, each loaded (memory-mapped) on first use and validated."""
+
+    def __init__(self, dirs: dict[tuple[int, int], Path]) -> None:
+        self.dirs = dirs
+        self._models: dict[tuple[int, int], tuple[Path, dict[str, Any]]] = {}
+        self._payloads: dict[tuple[int, int], dict[str, Any]] = {}
+
+    def path(self, rank: tuple[int, int]) -> Path:
+        folder = self.dirs[rank]
+        for name in _MODEL_FILES:
+            if (folder / name).exists():
+                return folder / name
+        raise CorruptCheckpoint(f"no {_MODEL_FILES[0]} in the rank directory", folder)
+
+    def payload(self, rank: tuple[int, int]) -> dict[str, Any]:
+        """The whole unpickled dict of a rank file (tensors memory-mapped, not read)."""
+        if rank not in self._payloads:
+            path = self.path(rank)
+            payload = load_pt(path)
+            if not isinstance(payload, dict):
+                raise NotAMegatronCheckpoint(
+                    "not a Megatron checkpoint (no dict at the top level)", path
+                )
+            self._payloads[rank] = payload
+        return self._payloads[rank]
+
+    def model(self, rank: tuple[int, int]) -> tuple[Path, dict[str, Any]]:
+        """(file, state dict) of a rank, with every key checked against the known names."""
+        if rank not in self._models:
+            path, payload = self.path(rank), self.payload(rank)
+            if "model" not in payload:
+                if "model0" in payload:
+                    raise UnsupportedModel(
+                        "virtual pipeline stages (model0, model1, ...) are not supported", path
+                    )
+                raise NotAMegatronCheckpoint("no `model` state dict in the file", path)
+            state = payload["model"]
+            unknown = sorted(
+                k for k in state if not names.is_ignored(k) and _canonical_local(k) is None
+            )
+            if unknown:
+                raise UnsupportedModel(f"unknown parameter names: {', '.join(unknown)}", path)
+            self._models[rank] = (path, state)
+        return self._models[rank]
+
+
+def _canonical_local(key: str) -> str | None:
+    """Canonical name with the *local* layer number for a stored key, or None if unknown."""
+    if key in names.GLOBAL_PARAMS:
+        return key
+    parsed = names.parse_layer_key(key)
+    return names.layer_name(*parsed) if parsed else None
+
+
+class _ShardTensor(LazyTensor):
+    """One stored tensor of one rank file, opened only when materialized."""
+
+    def __init__(
+        self,
+        files: _ShardFiles,
+        rank: tuple[int, int],
+        key_candidates: tuple[str, ...],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        region: tuple[tuple[int, int, int], ...] = (),
+    ) -> None:
+        self.files, self.rank, self.keys = files, rank, key_candidates
+        self.full_shape, self.region = shape, region
+        self.dtype = dtype
+        sizes = list(shape)
+        for dim, _, length in region:
+            sizes[dim] = length
+        self.shape = tuple(sizes)
+
+    def narrow(self, dim: int, start: int, length: int) -> LazyTensor:
+        self._check_narrow(dim, start, length)
+        return _ShardTensor(
+            self.files,
+            self.rank,
+            self.keys,
+            self.full_shape,
+            self.dtype,
+            (*self.region, (dim, start, length)),
+        )
+
+    def materialize(self) -> torch.Tensor:
+        path, state = self.files.model(self.rank)
+        key = next((k for k in self.keys if k in state), None)
+        if key is None:
+            raise CorruptCheckpoint(f"missing parameter {self.keys[0]}", path)
+        tensor = state[key]
+        if not isinstance(tensor, torch.Tensor):
+            raise CorruptCheckpoint(f"{key} is not a tensor", path)
+        if tuple(tensor.shape) != self.full_shape:
+            raise CorruptCheckpoint(
+                f"{key} has shape {tuple(tensor.shape)}, expected {self.full_shape} "
+                "(shards disagree with each other or with `args`)",
+                path,
+            )
+        if tensor.dtype != self.dtype:
+            tensor = tensor.to(self.dtype)
+        for dim, start, length in self.region:
+            tensor = tensor.narrow(dim, start, length)
+        return tensor
+
+    @property
+    def source_nbytes(self) -> int:
+        return self.nbytes
+
+
+class LegacyCheckpoint:
+    """A legacy-format iteration directory (`iter_XXXXXXX/` or `release/`)."""
+
+    format = "legacy"
+
+    def __init__(self, iter_dir: Path) -> None:
+        self.path = iter_dir
+        dirs = find_rank_dirs(iter_dir)
+        if not dirs:
+            raise NotAMegatronCheckpoint("no mp_rank_* directories", iter_dir)
+        self._files = _ShardFiles(dirs)
+        first = self._files.payload(min(dirs))
+        first_path = self._files.path(min(dirs))
+        self.args = first.get("args")
+        self.tp, self.pp = parallel_sizes(self.args) if self.args is not None else (0, 0)
+        self._check_rank_dirs(dirs)
+        self.stage_layers = [self._count_layers(stage) for stage in range(self.pp)]
+        dtype = self._stored_dtype(first_path)
+        self.config: ModelConfig = model_config_from_args(self.args, dtype, first_path)
+        if sum(self.stage_layers) != self.config.num_layers:
+            raise CorruptCheckpoint(
+                f"pipeline stages hold {self.stage_layers} layers, but args.num_layers="
+                f"{self.config.num_layers}",
+                iter_dir,
+            )
+
+    def _check_rank_dirs(self, dirs: dict[tuple[int, int], Path]) -> None:
+        for pp in range(self.pp):
+            for tp in range(self.tp):
+                if (tp, pp) not in dirs:
+                    name = f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if self.pp > 1 else "")
+                    raise CorruptCheckpoint(
+                        f"missing rank directory {name} (args say TP={self.tp}, PP={self.pp})",
+                        self.path / name,
+                    )
+        extra = sorted(str(d) for (tp, pp), d in dirs.items() if tp >= self.tp or pp >= self.pp)
+        if extra:
+            raise CorruptCheckpoint(
+                f"rank directories beyond TP={self.tp}, PP={self.pp}: {', '.join(extra)}", self.path
+            )
+
+    def _count_layers(self, stage: int) -> int:
+        _, state = self._files.model((0, stage))
+        layers = {parsed[0] for key in state if (parsed := names.parse_layer_key(key))}
+        return len(layers)
+
+    def _stored_dtype(self, path: Path) -> torch.dtype:
+        _, state = self._files.model((0, 0))
+        for key, value in state.items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.is_floating_point()
+                and not names.is_ignored(key)
+            ):
+                return value.dtype
+        raise NotAMegatronCheckpoint("the model state dict holds no tensors", path)
+
+    @cached_property
+    def _layer_offsets(self) -> list[int]:
+        offsets, total = [], 0
+        for count in self.stage_layers:
+            offsets.append(total)
+            total += count
+        return offsets
+
+    def files(self) -> list[Path]:
+        """Every rank file of the checkpoint."""
+        return [self._files.path(rank) for rank in sorted(self._files.dirs)]
+
+    def _locate(self, name: str) -> tuple[int, tuple[str, ...]]:
+        """(source stage, stored key candidates) of a canonical name."""
+        if name in ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight"):
+            return 0, (name,)
+        if name in names.GLOBAL_PARAMS:
+            return self.pp - 1, (name,)
+        parsed = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)
+        if not parsed:
+            raise KeyError(name)
+        layer, suffix = int(parsed.group(1)), parsed.group(2)
+        stage = max(s for s, offset in enumerate(self._layer_offsets) if offset <= layer)
+        local = layer - self._layer_offsets[stage]
+        aliases = [alias for alias, target in names.FUSED_NORM_ALIASES.items() if target == suffix]
+        return stage, tuple(names.layer_name(local, s) for s in (suffix, *aliases))
+
+    def has(self, name: str) -> bool:
+        """Whether the checkpoint stores the canonical tensor `name`."""
+        try:
+            stage, keys = self._locate(name)
+        except KeyError:
+            return False
+        _, state = self._files.model((0, stage))
+        return any(key in state for key in keys)
+
+    def tensor(self, name: str) -> LazyTensor:
+        """The global (TP-merged) tensor `name`, lazily: nothing is read until materialized."""
+        stage, keys = self._locate(name)
+        if not self.has(name):
+            raise CorruptCheckpoint(f"missing parameter {keys[0]}", self._files.path((0, stage)))
+        full = names.expected_shape(name, self.config)
+        partition = names.partition_of(name, self.config)
+        dim = 1 if partition == "cols" else 0
+        shard_shape = list(full)
+        if partition != "replicated":
+            if full[dim] % self.tp:
+                raise CorruptCheckpoint(
+                    f"{keys[0]}: size {full[dim]} does not split over TP={self.tp}", self.path
+                )
+            shard_shape[dim] //= self.tp
+        dtype = self.config.torch_dtype
+
+        def shard(tp: int) -> _ShardTensor:
+            return _ShardTensor(self._files, (tp, stage), keys, tuple(shard_shape), dtype)
+
+        if partition == "replicated":
+            return shard(0)
+        if partition == "gated_rows":  # each shard is [gate_r; up_r]
+            half = shard_shape[0] // 2
+            gates = [shard(tp).narrow(0, 0, half) for tp in range(self.tp)]
+            ups = [shard(tp).narrow(0, half, half) for tp in range(self.tp)]
+            return Concat([concat(gates, 0), concat(ups, 0)], 0)
+        return concat([shard(tp) for tp in range(self.tp)], dim)

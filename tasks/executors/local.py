@@ -1,0 +1,191 @@
+"""The embedded executor: runs a conversion's steps on this machine, ranks in parallel processes.
+
+No servers: inspect → convert ranks (process pool, one rank per task) → config → publish. Rank
+processes report progress through a queue; the parent draws one progress bar over bytes written.
+Nothing is published unless every rank succeeded; on failure the staging directory is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import queue as queue_module
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from config.settings import Settings
+from converters.errors import ConversionError
+from tasks import steps
+from tasks.jobs import ConvertSpec
+
+_progress_queue: Any = None
+
+
+def _init_worker(progress_queue: Any, threads: int) -> None:
+    global _progress_queue
+    _progress_queue = progress_queue
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_rank(spec_dict: dict, job: str, rank: int) -> dict[str, Any]:
+    def report(done: int, total: int) -> None:
+        _progress_queue.put((rank, done, total))
+
+    return steps.convert_rank_step(ConvertSpec.from_dict(spec_dict), job, rank, report)
+
+
+@dataclass
+class Summary:
+    """What a finished conversion did: for the closing summary and the API."""
+
+    job_id: str
+    output: str
+    workers: int
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+    ranks: list[dict[str, Any]] = field(default_factory=list)
+    already_done: bool = False
+
+
+def choose_workers(inspected: dict, requested: int | None, settings: Settings) -> int:
+    """`requested`, or as many rank processes as both the cores and the available RAM allow."""
+    ranks = len(inspected["ranks"])
+    if requested is not None:
+        if requested < 1:
+            raise ConversionError(f"--workers must be at least 1 (got {requested})")
+        return min(requested, ranks)
+    per_rank = max(r["peak_bytes"] for r in inspected["ranks"]) + settings.process_overhead_bytes
+    by_memory = int(psutil.virtual_memory().available * settings.memory_fraction) // per_rank
+    return max(1, min(ranks, os.cpu_count() or 1, by_memory))
+
+
+class _ProgressDrain(threading.Thread):
+    """Moves per-rank progress from the queue to a callback (bytes written, total bytes)."""
+
+    def __init__(
+        self, progress_queue: Any, total: int, on_progress: Callable[[int, int], None]
+    ) -> None:
+        super().__init__(daemon=True)
+        self.queue, self.total, self.on_progress = progress_queue, total, on_progress
+        self.done_by_rank: dict[int, int] = {}
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not (self.stopping.is_set() and self.queue.empty()):
+            try:
+                rank, done, _ = self.queue.get(timeout=0.1)
+            except queue_module.Empty:
+                continue
+            self.done_by_rank[rank] = done
+            self.on_progress(sum(self.done_by_rank.values()), self.total)
+
+
+def _existing_result(spec: ConvertSpec, job: str) -> Summary | None:
+    """The summary of an identical job already published in OUTPUT; an error if OUTPUT holds other files."""
+    output = Path(spec.output)
+    if not output.exists():
+        return None
+    if not output.is_dir():
+        raise ConversionError("OUTPUT exists and is not a directory", output)
+    manifest = output / steps.MANIFEST
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        if data.get("job_id") == job:
+            written = sum(f["bytes"] for f in data["files"])
+            return Summary(job, str(output), 0, 0.0, 0, written, already_done=True)
+        raise ConversionError(
+            "OUTPUT already holds another conversion (manifest.json); choose an empty directory",
+            output,
+        )
+    leftovers = [p.name for p in output.iterdir() if not p.name.startswith(".porter-staging-")]
+    if leftovers:
+        raise ConversionError(
+            f"OUTPUT is not empty ({', '.join(sorted(leftovers)[:5])}); choose an empty directory",
+            output,
+        )
+    return None
+
+
+def run_conversion(
+    spec: ConvertSpec,
+    workers: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    settings: Settings | None = None,
+) -> Summary:
+    """Convert `spec` on this machine; returns the summary or raises, leaving nothing published."""
+    settings = settings or Settings.from_env()
+    started = time.perf_counter()
+    inspected = steps.inspect_source(spec)
+    job = inspected["job_id"]
+    existing = _existing_result(spec, job)
+    if existing:
+        return existing
+    output = Path(spec.output)
+    created_output = not output.exists()
+    staging = steps.staging_dir(spec, job)
+    shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted run
+    staging.mkdir(parents=True)
+    count = choose_workers(inspected, workers, settings)
+    try:
+        results = _convert_ranks(spec, job, inspected, count, on_progress)
+        config = steps.write_config_step(spec, job)
+        steps.publish_step(spec, job, inspected, [*results, config])
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created_output and output.is_dir() and not any(output.iterdir()):
+            output.rmdir()
+        raise
+    return Summary(
+        job_id=job,
+        output=str(output),
+        workers=count,
+        seconds=time.perf_counter() - started,
+        bytes_read=sum(r["bytes_read"] for r in results),
+        bytes_written=sum(r["bytes_written"] for r in results) + config["bytes_written"],
+        ranks=results,
+    )
+
+
+def _convert_ranks(
+    spec: ConvertSpec,
+    job: str,
+    inspected: dict,
+    workers: int,
+    on_progress: Callable[[int, int], None] | None,
+) -> list[dict[str, Any]]:
+    context = multiprocessing.get_context("spawn")
+    progress_queue = context.Queue()
+    total = sum(r["bytes_written"] for r in inspected["ranks"])
+    drain = _ProgressDrain(progress_queue, total, on_progress or (lambda done, total: None))
+    drain.start()
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    pool = ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(progress_queue, threads)
+    )
+    try:
+        futures = [
+            pool.submit(_run_rank, spec.to_dict(), job, r) for r in range(len(inspected["ranks"]))
+        ]
+        finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in finished if f.exception() is not None]
+        if failed:
+            for future in futures:
+                future.cancel()
+            raise failed[0].exception()
+        return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        drain.stopping.set()
+        drain.join()

@@ -24,6 +24,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +42,9 @@ __all__ = [
     "write_example_checkpoints",
 ]
 
-_INSTALL_HINT = "megatron-core is needed to write example checkpoints: pip install 'porter[example]'"
+_INSTALL_HINT = (
+    "megatron-core is needed to write example checkpoints: pip install 'porter[example]'"
+)
 
 
 @dataclass(frozen=True)
@@ -193,16 +197,67 @@ def _model_hparams(family: str, overrides: dict[str, Any] | None) -> dict[str, A
 
 
 def _check_megatron() -> None:
+    import importlib.util
+
     try:
-        import megatron.core  # noqa: F401
-    except ImportError as exc:
-        raise RuntimeError(_INSTALL_HINT) from exc
+        found = importlib.util.find_spec("megatron.core") is not None
+    except ImportError:  # no "megatron" package at all
+        found = False
+    if not found:
+        raise RuntimeError(_INSTALL_HINT)
 
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _spawn_ranks(job: dict[str, Any], tmp: Path, timeout: float = 900.0) -> None:
+    """Run the ranks in a fresh interpreter that imports megatron once, then forks one process
+    per rank (the caller's process is never touched by megatron's imports or CPU patches)."""
+    job_file = tmp / "job.pt"
+    torch.save(job, job_file)
+    env = dict(os.environ)
+    pkg_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    code = (
+        "import sys; from tasks.megatron_example import _launcher_main; _launcher_main(sys.argv[1])"
+    )
+    cmd = [sys.executable, "-c", code, str(job_file)]
+    try:
+        proc = subprocess.run(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(
+            f"writing Megatron example checkpoints timed out after {timeout}s"
+        ) from exc
+    if proc.returncode != 0:
+        tail = proc.stdout.decode(errors="replace")[-6000:]
+        raise RuntimeError(f"writing Megatron example checkpoints failed:\n{tail}")
+    print(proc.stdout.decode())
+
+
+def _launcher_main(job_file: str) -> None:
+    """Entry point of the launcher process: import megatron once, fork one process per rank."""
+    import time as _t
+    _T = _t.time()
+    import torch.multiprocessing as mp
+
+    job = torch.load(job_file, weights_only=False)
+    # Import everything the ranks use before forking, so it is imported once for all ranks.
+    import megatron.core.dist_checkpointing
+    import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
+    from megatron.core import parallel_state  # noqa: F401
+    from megatron.core.models.gpt import GPTModel  # noqa: F401
+
+    _patch_cpu_gaps()
+    import time as _t
+    print("imported", _t.time() - _T, flush=True)
+    mp.start_processes(_worker, args=(job,), nprocs=job["world"], join=True, start_method="fork")
 
 
 def _write(
@@ -224,8 +279,6 @@ def _write(
     for layout in paths:
         if hp["num_layers"] % layout.pp:
             raise ValueError(f"num_layers={hp['num_layers']} is not divisible by pp={layout.pp}")
-        if transformer_engine_names and layout.format != "legacy":
-            raise ValueError("transformer_engine_names only applies to the legacy format")
     _check_megatron()
 
     gen = torch.Generator().manual_seed(seed)
@@ -238,7 +291,6 @@ def _write(
         path.mkdir(parents=True)
 
     with tempfile.TemporaryDirectory(prefix="porter-megatron-") as tmp:
-        oracle_file = Path(tmp) / "oracle.pt"
         job = {
             "hp": hp,
             "paths": {(lay.format, lay.tp, lay.pp): str(p) for lay, p in paths.items()},
@@ -247,14 +299,12 @@ def _write(
             "dtype": dtype,
             "te_names": transformer_engine_names,
             "tokens": tokens,
-            "oracle_file": str(oracle_file),
+            "oracle_file": str(Path(tmp) / "oracle.pt"),
             "port": _free_port(),
             "world": world,
         }
-        import torch.multiprocessing as mp
-
-        mp.start_processes(_worker, args=(job,), nprocs=world, join=True, start_method="spawn")
-        logits = torch.load(oracle_file, weights_only=True)
+        _spawn_ranks(job, Path(tmp))
+        logits = torch.load(job["oracle_file"], weights_only=True)
     return ExampleCheckpoints(paths=dict(paths), tokens=tokens, logits=logits)
 
 
@@ -269,6 +319,8 @@ def _patch_cpu_gaps() -> None:
 
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+    # Tied embeddings with PP > 1: the last stage's copy is moved with .cuda() before an all-reduce.
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
     mrandom.CudaRNGStatesTracker.fork = lambda self, *a, **k: contextlib.nullcontext()
 
 
@@ -280,7 +332,6 @@ def _worker(rank: int, job: dict[str, Any]) -> None:
 
     dist.init_process_group("gloo", rank=rank, world_size=job["world"])
     try:
-        _patch_cpu_gaps()
         _run_configs(rank, job)
     finally:
         from megatron.core import parallel_state
@@ -296,11 +347,16 @@ def _run_configs(rank: int, job: dict[str, Any]) -> None:
     paths = {Layout(f, tp, pp): Path(p) for (f, tp, pp), p in job["paths"].items()}
     # Every (tp, 1) configuration is needed: as layouts, as the oracle (tp=1) and as the weight
     # source of the (tp, pp>1) stage models. PP=1 configurations run first.
-    configs = sorted({(1, 1)} | {(lay.tp, 1) for lay in layouts} | {(lay.tp, lay.pp) for lay in layouts})
+    configs = sorted(
+        {(1, 1)} | {(lay.tp, 1) for lay in layouts} | {(lay.tp, lay.pp) for lay in layouts}
+    )
     configs.sort(key=lambda c: (c[1], c[0]))
-    pp1_state: dict[int, dict[str, torch.Tensor]] = {}  # tp -> this rank's TP shard, PP=1
+    pp1_state: dict[int, dict[str, Any]] = {}  # tp -> this rank's TP shard, PP=1
 
+    import time as _t
+    T0 = _t.time()
     for tp, pp in configs:
+        if rank == 0: print("cfg", tp, pp, _t.time() - T0, flush=True)
         parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
@@ -310,10 +366,12 @@ def _run_configs(rank: int, job: dict[str, Any]) -> None:
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         dp_rank = parallel_state.get_data_parallel_rank()
+        if rank == 0: print(" init", _t.time() - T0, flush=True)
         model = _build_model(job, tp, pp)
+        if rank == 0: print(" built", _t.time() - T0, flush=True)
         if pp == 1:
             assert rank % tp == tp_rank  # default "tp-cp-ep-dp-pp" order keeps tp fastest
-            pp1_state[tp] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            pp1_state[tp] = dict(model.state_dict())
         else:
             offset = pp_rank * (job["hp"]["num_layers"] // pp)
             model.load_state_dict(_stage_state(model, pp1_state[tp], offset), strict=True)
@@ -331,6 +389,7 @@ def _run_configs(rank: int, job: dict[str, Any]) -> None:
             else:
                 _save_torch_dist(model, args, job, paths[layout])
         del model
+        if rank == 0: print(" saved", _t.time() - T0, flush=True)
 
 
 def _transformer_config(job: dict[str, Any], tp: int, pp: int):
@@ -561,7 +620,7 @@ def _save_legacy(
     rank_dir = root / f"iter_{iteration:07d}" / name
     rank_dir.mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = dict(model.state_dict())
-    if job["te_names"]:
+    if job["te_names"]:  # torch_dist always stores the fused names: nothing to emulate there
         state = _te_rename(state)
     checkpoint = {
         "args": args,

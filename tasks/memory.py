@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 from types import TracebackType
@@ -30,10 +31,8 @@ def peak_rss_bytes(pid: int | str = "self") -> int:
 
 def reset_peak_rss() -> None:
     """Reset this process's VmHWM so the next reading covers only what follows (Linux ≥ 4.0)."""
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 class PeakAnonSampler:

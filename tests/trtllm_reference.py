@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-__all__ = ["reference_logits", "ReferenceError"]
+__all__ = ["ReferenceError", "reference_logits"]
 
 
 class ReferenceError(AssertionError):
@@ -57,7 +57,7 @@ class _RankFile:
         self.rank = rank
         self.tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 self.tensors[name] = f.get_tensor(name)
         self.used: set[str] = set()
 
@@ -231,12 +231,10 @@ def reference_logits(
     tokens = tokens.to(torch.int64)
     S = tokens.shape[0]
     _check(S > 0, "empty token sequence")
-    _check(
-        int(tokens.min()) >= 0 and int(tokens.max()) < V, "token id outside [0, vocab_size)"
-    )
+    _check(int(tokens.min()) >= 0 and int(tokens.max()) < V, "token id outside [0, vocab_size)")
     if pos_type == "learned_absolute":
         max_pos = int(need("max_position_embeddings"))
-        _check(S <= max_pos, f"sequence length {S} > max_position_embeddings {max_pos}")
+        _check(max_pos >= S, f"sequence length {S} > max_position_embeddings {max_pos}")
 
     files = [
         [_RankFile(checkpoint_dir / f"rank{p * T + r}.safetensors", p * T + r) for r in range(T)]
@@ -285,7 +283,7 @@ def reference_logits(
             int(need("max_position_embeddings")),
             torch.arange(S),
         )
-        xs = [x + p for x, p in zip(xs, pos)]
+        xs = [x + p for x, p in zip(xs, pos, strict=True)]
 
     def norm(f: _RankFile, prefix: str, x: torch.Tensor) -> torch.Tensor:
         w = f.get(f"{prefix}.weight", (h,))
@@ -343,7 +341,8 @@ def reference_logits(
                 dense_b.append(f.maybe(f"{pre}.attention.dense.bias", attn_bias, (h,)))
             reduced = torch.stack(partials).sum(0)  # all-reduce
             xs = [
-                x + reduced + (b if b is not None else 0.0) for x, b in zip(xs, dense_b, strict=True)
+                x + reduced + (b if b is not None else 0.0)
+                for x, b in zip(xs, dense_b, strict=True)
             ]
 
             # MLP

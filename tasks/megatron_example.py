@@ -1,10 +1,11 @@
 """Write real Megatron-LM checkpoints on CPU with megatron-core (example models and test fixtures).
 
 The models are real ``megatron.core.models.gpt.GPTModel`` instances built with the local layer
-spec under a gloo process group, one process per rank. A single spawn of ``W`` processes (``W`` the
-least common multiple of every requested ``tp * pp``) walks through every needed (tp, pp)
-configuration in turn, re-initialising Megatron's model-parallel state each time (the spare ranks
-are data-parallel replicas), so megatron is imported once per process.
+spec under a gloo process group, one process per rank. One call starts one fresh interpreter (the
+caller never imports megatron nor gets its CPU patches), which imports megatron once and forks
+``W`` rank processes (``W`` the least common multiple of every requested ``tp * pp``). The ranks
+walk through every needed (tp, pp) configuration in turn, re-initialising Megatron's
+model-parallel state each time (spare ranks are data-parallel replicas that write nothing).
 
 All layouts written by one call hold the same weights: with ``use_cpu_initialization`` the full
 master weight is initialised from the seed and split per TP rank, and pipeline-stage models load
@@ -21,6 +22,7 @@ import contextlib
 import io
 import math
 import os
+import queue
 import re
 import shutil
 import socket
@@ -238,16 +240,13 @@ def _spawn_ranks(job: dict[str, Any], tmp: Path, timeout: float = 900.0) -> None
     if proc.returncode != 0:
         tail = proc.stdout.decode(errors="replace")[-6000:]
         raise RuntimeError(f"writing Megatron example checkpoints failed:\n{tail}")
-    print(proc.stdout.decode())
 
 
 def _launcher_main(job_file: str) -> None:
     """Entry point of the launcher process: import megatron once, fork one process per rank."""
-    import time as _t
-    _T = _t.time()
     import torch.multiprocessing as mp
 
-    job = torch.load(job_file, weights_only=False)
+    job = torch.load(job_file, weights_only=True)
     # Import everything the ranks use before forking, so it is imported once for all ranks.
     import megatron.core.dist_checkpointing
     import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
@@ -255,8 +254,6 @@ def _launcher_main(job_file: str) -> None:
     from megatron.core.models.gpt import GPTModel  # noqa: F401
 
     _patch_cpu_gaps()
-    import time as _t
-    print("imported", _t.time() - _T, flush=True)
     mp.start_processes(_worker, args=(job,), nprocs=job["world"], join=True, start_method="fork")
 
 
@@ -286,9 +283,12 @@ def _write(
 
     world = math.lcm(1, *(layout.tp * layout.pp for layout in paths))
     for path in paths.values():
-        if path.exists():
+        if path.is_dir() and any(path.iterdir()):
+            # Replace an earlier checkpoint, but never wipe an unrelated directory.
+            if not (path / "latest_checkpointed_iteration.txt").is_file():
+                raise FileExistsError(f"{path} exists, is not empty and is not a checkpoint")
             shutil.rmtree(path)
-        path.mkdir(parents=True)
+        path.mkdir(parents=True, exist_ok=True)
 
     with tempfile.TemporaryDirectory(prefix="porter-megatron-") as tmp:
         job = {
@@ -331,13 +331,13 @@ def _worker(rank: int, job: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", rank=rank, world_size=job["world"])
-    try:
-        _run_configs(rank, job)
-    finally:
-        from megatron.core import parallel_state
-
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+    _run_configs(rank, job)
+    dist.barrier()
+    # Everything is written. Tearing gloo down costs ~1 s per process; this process is
+    # disposable, so leave without it (os._exit skips interpreter teardown, exit status 0).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _run_configs(rank: int, job: dict[str, Any]) -> None:
@@ -348,15 +348,12 @@ def _run_configs(rank: int, job: dict[str, Any]) -> None:
     # Every (tp, 1) configuration is needed: as layouts, as the oracle (tp=1) and as the weight
     # source of the (tp, pp>1) stage models. PP=1 configurations run first.
     configs = sorted(
-        {(1, 1)} | {(lay.tp, 1) for lay in layouts} | {(lay.tp, lay.pp) for lay in layouts}
+        {(1, 1)} | {(lay.tp, 1) for lay in layouts} | {(lay.tp, lay.pp) for lay in layouts},
+        key=lambda c: (c[1], c[0]),
     )
-    configs.sort(key=lambda c: (c[1], c[0]))
     pp1_state: dict[int, dict[str, Any]] = {}  # tp -> this rank's TP shard, PP=1
 
-    import time as _t
-    T0 = _t.time()
     for tp, pp in configs:
-        if rank == 0: print("cfg", tp, pp, _t.time() - T0, flush=True)
         parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
@@ -366,9 +363,7 @@ def _run_configs(rank: int, job: dict[str, Any]) -> None:
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         dp_rank = parallel_state.get_data_parallel_rank()
-        if rank == 0: print(" init", _t.time() - T0, flush=True)
         model = _build_model(job, tp, pp)
-        if rank == 0: print(" built", _t.time() - T0, flush=True)
         if pp == 1:
             assert rank % tp == tp_rank  # default "tp-cp-ep-dp-pp" order keeps tp fastest
             pp1_state[tp] = dict(model.state_dict())
@@ -389,7 +384,6 @@ def _run_configs(rank: int, job: dict[str, Any]) -> None:
             else:
                 _save_torch_dist(model, args, job, paths[layout])
         del model
-        if rank == 0: print(" saved", _t.time() - T0, flush=True)
 
 
 def _transformer_config(job: dict[str, Any], tp: int, pp: int):
@@ -662,6 +656,13 @@ def _save_torch_dist(
         "checkpoint_version": 3.0,
         "iteration": iteration,
     }
+    # megatron's filesystem writer hands its results over through a *spawned* Manager queue,
+    # whose server must import torch to unpickle them (~2 s); the save runs synchronously in
+    # this process, so a plain in-process queue does the same job.
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
     dist_checkpointing.save(sharded, str(iter_dir))
     if dist.get_rank() == 0:
         _write_tracker(root, iteration)

@@ -70,11 +70,20 @@ def _megatron_qkv(cfg: ModelConfig) -> torch.Tensor:
 @pytest.mark.parametrize("parts", [1, 2, 4, 8])
 def test_qkv_for_rank_follows_spec(parts):
     cfg, qkv = CFG, _megatron_qkv(CFG)
-    q, d, ng, nh = cfg.heads_per_group, cfg.kv_channels, cfg.num_query_groups, cfg.num_attention_heads
+    q, d, ng, nh = (
+        cfg.heads_per_group,
+        cfg.kv_channels,
+        cfg.num_query_groups,
+        cfg.num_attention_heads,
+    )
     for rank in range(parts):
         got = reshard.qkv_for_rank(Eager(qkv), cfg, rank, parts).materialize()[:, 0]
         heads = range(rank * nh // parts, (rank + 1) * nh // parts)
-        groups = range(rank * ng // parts, (rank + 1) * ng // parts) if ng >= parts else [rank * ng // parts]
+        groups = (
+            range(rank * ng // parts, (rank + 1) * ng // parts)
+            if ng >= parts
+            else [rank * ng // parts]
+        )
         expected = [(h // q) * 1000 + (h % q) * 10 + r for h in heads for r in range(d)]
         expected += [g * 1000 + 100 + r for g in groups for r in range(d)]
         expected += [g * 1000 + 200 + r for g in groups for r in range(d)]
@@ -83,7 +92,9 @@ def test_qkv_for_rank_follows_spec(parts):
 
 
 def test_incompatible_tp_is_a_clear_error():
-    with pytest.raises(IncompatibleParallelism, match="num_attention_heads=8 is not divisible by the target TP=3"):
+    with pytest.raises(
+        IncompatibleParallelism, match="num_attention_heads=8 is not divisible by the target TP=3"
+    ):
         reshard.check_attention_split(CFG, 3)
     six_groups = dataclasses.replace(CFG, num_attention_heads=12, num_query_groups=6)
     with pytest.raises(IncompatibleParallelism, match="num_query_groups=6"):

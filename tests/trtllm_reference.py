@@ -57,7 +57,7 @@ class _RankFile:
         self.rank = rank
         self.tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            for name in f.keys():
                 self.tensors[name] = f.get_tensor(name)
         self.used: set[str] = set()
 

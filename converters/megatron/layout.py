@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Protocol
 
 from converters.errors import NotAMegatronCheckpoint
+from converters.megatron.dist_source import DistSource
+from converters.megatron.legacy import LegacyCheckpoint
 from converters.model import ModelConfig
 from converters.tensors import LazyTensor
 
@@ -79,9 +81,5 @@ def open_checkpoint(source: Path) -> SourceCheckpoint:
     """Open a Megatron checkpoint (root, iteration directory, legacy or torch_dist) for reading."""
     iter_dir = resolve_iteration_dir(Path(source))
     if detect_format(iter_dir) == "torch_dist":
-        from converters.megatron.dist_source import DistSource
-
         return DistSource(iter_dir)
-    from converters.megatron.legacy import LegacyCheckpoint
-
     return LegacyCheckpoint(iter_dir)

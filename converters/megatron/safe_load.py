@@ -41,6 +41,7 @@ _ALLOWED: dict[str, Any] = {
     "argparse.Namespace": argparse.Namespace,
     "io.BytesIO": io.BytesIO,
     "_io.BytesIO": io.BytesIO,
+    "builtins.bytes": bytes,
     "numpy.ndarray": np.ndarray,
     "numpy.dtype": np.dtype,
     "numpy.core.multiarray._reconstruct": np.core.multiarray._reconstruct,

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from converters.model import ModelConfig
-from converters.trtllm import reshard
 from converters.trtllm.families import family_for
 from converters.trtllm.plan import Target
 
@@ -17,7 +16,8 @@ def trtllm_config(cfg: ModelConfig, target: Target) -> dict[str, Any]:
         "architecture": family.architecture,
         "dtype": target.output_dtype(cfg),
         "logits_dtype": "float32",
-        "vocab_size": reshard.padded_rows(cfg.vocab_size, target.tp),
+        # Megatron's padded vocab; TensorRT-LLM pads lm_head to a multiple of TP itself.
+        "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_attention_heads,

@@ -1,4 +1,5 @@
-"""The embedded executor: runs a conversion's steps on this machine, ranks in parallel processes.
+"""The embedded executor: runs a conversion's steps on this machine, ranks in parallel processes (or in this
+process, one after another, with a single worker).
 
 No servers: inspect → convert ranks (process pool, one rank per task) → config → publish. Rank
 processes report progress through a queue; the parent draws one progress bar over bytes written.
@@ -165,6 +166,36 @@ def _convert_ranks(
     workers: int,
     on_progress: Callable[[int, int], None] | None,
 ) -> list[dict[str, Any]]:
+    if workers == 1:
+        return _convert_ranks_here(spec, job, inspected, on_progress)
+    return _convert_ranks_in_pool(spec, job, inspected, workers, on_progress)
+
+
+def _convert_ranks_here(
+    spec: ConvertSpec, job: str, inspected: dict, on_progress: Callable[[int, int], None] | None
+) -> list[dict[str, Any]]:
+    """One worker: run the ranks one after another in this process (no start-up cost)."""
+    total = sum(r["bytes_written"] for r in inspected["ranks"])
+    results: list[dict[str, Any]] = []
+    for rank in range(len(inspected["ranks"])):
+        finished = sum(r["bytes_written"] for r in inspected["ranks"][:rank])
+
+        def report(done: int, _: int, finished: int = finished) -> None:
+            if on_progress:
+                on_progress(finished + done, total)
+
+        results.append(steps.convert_rank_step(spec, job, rank, report))
+    return results
+
+
+def _convert_ranks_in_pool(
+    spec: ConvertSpec,
+    job: str,
+    inspected: dict,
+    workers: int,
+    on_progress: Callable[[int, int], None] | None,
+) -> list[dict[str, Any]]:
+    """Several workers: one spawned process per worker, each taking ranks from the pool."""
     context = multiprocessing.get_context("spawn")
     progress_queue = context.Queue()
     total = sum(r["bytes_written"] for r in inspected["ranks"])

@@ -1,0 +1,111 @@
+"""A torch_dist checkpoint seen through canonical names: stacked layer tensors indexed per layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from converters.errors import CorruptCheckpoint, NotAMegatronCheckpoint, UnsupportedModel
+from converters.megatron import names
+from converters.megatron.args import model_config_from_args, parallel_sizes
+from converters.megatron.dist import DistCheckpoint
+from converters.tensors import LazyTensor
+
+_STACKED_PREFIX = "decoder.layers."
+
+
+class DistSource:
+    """Global tensors of a torch_dist iteration directory, by canonical (per-layer) name."""
+
+    format = "torch_dist"
+
+    def __init__(self, iter_dir: Path) -> None:
+        self.path = iter_dir
+        self._ckpt = DistCheckpoint(iter_dir)
+        common_path = iter_dir / "common.pt"
+        args = self._ckpt.common.get("args")
+        if args is None:
+            raise NotAMegatronCheckpoint("no training `args` in common.pt", common_path)
+        self.tp, self.pp = parallel_sizes(args)
+        self._check_keys()
+        word = "embedding.word_embeddings.weight"
+        if word not in self._ckpt:
+            raise CorruptCheckpoint(f"missing parameter {word}", self._ckpt.metadata_path)
+        self.config = model_config_from_args(args, self._ckpt.dtype(word), common_path)
+        self._check_layers()
+
+    def _check_keys(self) -> None:
+        unknown = [
+            key
+            for key in self._ckpt.keys()
+            if not names.is_ignored(key) and self._classify(key) is None
+        ]
+        if unknown:
+            raise UnsupportedModel(
+                f"unknown parameter names: {', '.join(sorted(unknown))}", self._ckpt.metadata_path
+            )
+
+    @staticmethod
+    def _classify(key: str) -> str | None:
+        """ "global", "stacked" or "layer" for a stored key, None when unknown."""
+        if key in names.GLOBAL_PARAMS:
+            return "global"
+        if names.parse_layer_key(key):
+            return "layer"
+        if key.startswith(_STACKED_PREFIX) and names.layer_suffix(key[len(_STACKED_PREFIX) :]):
+            return "stacked"
+        return None
+
+    def _check_layers(self) -> None:
+        for key in self._ckpt.keys():
+            if (
+                self._classify(key) == "stacked"
+                and self._ckpt.shape(key)[0] != self.config.num_layers
+            ):
+                raise CorruptCheckpoint(
+                    f"{key} stacks {self._ckpt.shape(key)[0]} layers, but args.num_layers={self.config.num_layers}",
+                    self._ckpt.metadata_path,
+                )
+
+    def files(self) -> list[Path]:
+        """Every file of the iteration directory (metadata, common state, data files)."""
+        return sorted(p for p in self.path.iterdir() if p.is_file())
+
+    def _stored(self, name: str) -> tuple[str, int | None] | None:
+        """(stored key, layer index into a stacked key or None) for a canonical name."""
+        if name in names.GLOBAL_PARAMS:
+            return (name, None) if name in self._ckpt else None
+        parsed = names.parse_layer_key(name)
+        if parsed is None:
+            raise KeyError(name)
+        layer, suffix = parsed
+        aliases = [alias for alias, target in names.FUSED_NORM_ALIASES.items() if target == suffix]
+        for stored in (suffix, *aliases):
+            if names.layer_name(layer, stored) in self._ckpt:
+                return names.layer_name(layer, stored), None
+            if _STACKED_PREFIX + stored in self._ckpt:
+                return _STACKED_PREFIX + stored, layer
+        return None
+
+    def has(self, name: str) -> bool:
+        """Whether the checkpoint stores the canonical tensor `name`."""
+        try:
+            return self._stored(name) is not None
+        except KeyError:
+            return False
+
+    def tensor(self, name: str) -> LazyTensor:
+        """The global tensor `name`, lazily: only overlapping chunks are read when materialized."""
+        stored = self._stored(name)
+        if stored is None:
+            raise CorruptCheckpoint(f"missing parameter {name}", self._ckpt.metadata_path)
+        key, layer = stored
+        tensor = self._ckpt.tensor(key)
+        if layer is not None:
+            tensor = tensor.index0(layer)
+        expected = names.expected_shape(name, self.config)
+        if tuple(tensor.shape) != expected:
+            raise CorruptCheckpoint(
+                f"{key} has shape {tuple(tensor.shape)} per layer, expected {expected} from `args`",
+                self._ckpt.metadata_path,
+            )
+        return tensor

@@ -1,0 +1,82 @@
+"""Session fixtures: real Megatron checkpoints written once by megatron-core, shared by xdist workers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from filelock import FileLock
+
+from tasks.megatron_example import Layout, write_example_checkpoints
+
+LAYOUTS = (
+    Layout("legacy", 1, 1),
+    Layout("legacy", 2, 1),
+    Layout("legacy", 1, 2),
+    Layout("legacy", 2, 2),
+    Layout("torch_dist", 2, 1),
+)
+
+# name → (family, layouts, keyword arguments of write_example_checkpoints)
+FIXTURE_SETS: dict[str, tuple[str, tuple[Layout, ...], dict]] = {
+    "llama": ("llama", LAYOUTS, {}),
+    "gpt": ("gpt", LAYOUTS, {}),
+    # Transformer Engine fused-norm names, bf16 weights.
+    "llama_te_bf16": (
+        "llama",
+        (Layout("legacy", 2, 1),),
+        {"transformer_engine_names": True, "dtype": torch.bfloat16},
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """One family's checkpoints in several layouts, with the Megatron model's own logits."""
+
+    family: str
+    paths: dict[Layout, Path]
+    tokens: torch.Tensor
+    logits: torch.Tensor
+
+
+def _load_or_write(root: Path, name: str) -> Checkpoints:
+    family, layouts, kwargs = FIXTURE_SETS[name]
+    target = root / name
+    done = target / "oracle.pt"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            result = write_example_checkpoints(target, family, layouts, **kwargs)
+            torch.save({"tokens": result.tokens, "logits": result.logits}, target / "oracle.tmp")
+            (target / "oracle.tmp").replace(done)
+    oracle = torch.load(done, weights_only=True)
+    paths = {layout: target / layout.dirname for layout in layouts}
+    return Checkpoints(family, paths, oracle["tokens"], oracle["logits"])
+
+
+@pytest.fixture(scope="session")
+def fixture_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory shared by all xdist workers of this session."""
+    root = tmp_path_factory.getbasetemp().parent / "porter-megatron-fixtures"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def megatron(fixture_root: Path):
+    """`megatron(name)` → the `Checkpoints` of a fixture set, written on first use."""
+    cache: dict[str, Checkpoints] = {}
+
+    def get(name: str) -> Checkpoints:
+        if name not in cache:
+            cache[name] = _load_or_write(fixture_root, name)
+        return cache[name]
+
+    return get
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

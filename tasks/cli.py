@@ -92,6 +92,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--pp", type=int, default=1, help="training pipeline-parallel size (default 1)"
     )
     example_megatron.add_argument("--format", choices=["legacy", "torch_dist"], default="legacy")
+    example_megatron.add_argument(
+        "--overwrite", action="store_true", help="replace a checkpoint already at OUTPUT"
+    )
     return parser
 
 
@@ -162,6 +165,12 @@ def _plan(args: argparse.Namespace) -> int:
 def _example(args: argparse.Namespace) -> int:
     from tasks.megatron_example import write_example_checkpoint
 
+    existing = Path(args.output) / "latest_checkpointed_iteration.txt"
+    if existing.exists() and not args.overwrite:
+        print(
+            f"{args.output} already holds a checkpoint; left as is (--overwrite writes a new one)"
+        )
+        return 0
     path = write_example_checkpoint(
         Path(args.output), family=args.family, tp=args.tp, pp=args.pp, format=args.format
     )

@@ -3,9 +3,10 @@ megatron-core's own single-device exporter, on a synthetic ≈1 GiB Llama-like b
 
 One run, in a scratch directory (deleted at the end):
   1. write the synthetic checkpoint (bench/synthetic_checkpoint.py) and fsync it;
-  2. per round (--rounds, default 3), each as its own process, in this order:
-     copy bound (bench/copy_bound.py), `porter convert ... --workers 1|2|4 --quiet`,
-     the Megatron exporter path (bench/megatron_exporter_baseline.py);
+  2. per round (--rounds, default 5), each as its own process, in this order:
+     `porter convert ... --workers 1 --quiet`, the copy bound (bench/copy_bound.py, sized by
+     Porter's output; faster of two tries), `porter convert` with `--workers 2` and `4`, and the
+     Megatron exporter path (bench/megatron_exporter_baseline.py);
      for each: wall time and peak RssAnon summed over the process tree (sampled every 20 ms);
   3. check that Porter's rank files equal the exporter's, tensor by tensor (`torch.equal`);
   4. write docs/PERFORMANCE.md and print the table.
@@ -107,7 +108,13 @@ class Measured:
 
 
 def measure(cmd: list[str]) -> Measured:
-    """Run `cmd`, return wall time and peak tree RssAnon; raise with its stderr if it fails."""
+    """Run `cmd`, return wall time and peak tree RssAnon; raise with its stderr if it fails.
+
+    Dirty pages of earlier runs are flushed first (`sync`, then a short pause), so that no run
+    pays for another's write-back.
+    """
+    os.sync()
+    time.sleep(1.0)
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
@@ -164,7 +171,7 @@ def compare_outputs(porter: Path, baseline: Path) -> list[str]:
 
 
 def compare_configs(porter: Path, baseline: Path) -> list[str]:
-    """config.json keys present in both outputs whose values differ (informational)."""
+    """How the two config.json files differ: shared keys with other values, one-sided keys."""
     a = json.loads((porter / "config.json").read_text())
     b = json.loads((baseline / "config.json").read_text())
     b_mapping = {k: b.get(k) for k in ("world_size", "tp_size", "pp_size")}
@@ -177,6 +184,15 @@ def compare_configs(porter: Path, baseline: Path) -> list[str]:
             vb = {kk: vb[kk] for kk in va}
         if va != vb:
             out.append(f"`{k}`: Porter {json.dumps(va)}, exporter {json.dumps(vb)}")
+    only_b = sorted(b.keys() - a.keys() - {"world_size", "tp_size", "pp_size"})
+    if only_b:
+        out.append(
+            "only in the exporter's: "
+            + ", ".join(f"`{k}`: {json.dumps(b[k], default=str)}" for k in only_b)
+        )
+    only_a = sorted(a.keys() - b.keys())
+    if only_a:
+        out.append("only in Porter's: " + ", ".join(f"`{k}`" for k in only_a))
     return out
 
 
@@ -289,7 +305,12 @@ def run(scratch: Path, rounds: int) -> dict[str, Any]:
                 cmd = [py, str(BENCH / "copy_bound.py"), str(copy_out), "--read"]
                 cmd += [str(p) for p in source_files]
                 cmd += ["--write-sizes", *map(str, rank_sizes)]
-                m = measure(cmd)
+                # the bound is a floor: take the faster of two tries (see the note on noise)
+                tries = []
+                for _ in range(2):
+                    _clear(copy_out)
+                    tries.append(measure(cmd))
+                m = min(tries, key=lambda t: t.wall_s)
                 record(COPY, m, None)
                 out_bytes[COPY] = json.loads(m.stdout.strip().splitlines()[-1])["written_bytes"]
                 _clear(copy_out)
@@ -302,6 +323,10 @@ def run(scratch: Path, rounds: int) -> dict[str, Any]:
         if not last_round:
             _clear(out)
 
+    imports = [
+        measure([py, "-c", "import torch, tasks.steps, tasks.executors.local"]).wall_s
+        for _ in range(3)
+    ]
     diffs = compare_outputs(keep[porter_label(1)], keep[BASELINE])
     config_diffs = compare_configs(keep[porter_label(1)], keep[BASELINE])
     rows = {}
@@ -328,6 +353,7 @@ def run(scratch: Path, rounds: int) -> dict[str, Any]:
             k: statistics.median(p[k] for p in baseline_phases) for k in baseline_phases[0]
         },
         "rounds": rounds,
+        "import_s": statistics.median(imports),
         "scratch_fs": _scratch_fs(scratch),
     }
 
@@ -339,12 +365,14 @@ def run(scratch: Path, rounds: int) -> dict[str, Any]:
 def table(res: dict[str, Any]) -> str:
     """Markdown table of the rows."""
     lines = [
-        "| | wall s (median) | GB/s | peak RssAnon GiB | peak RssAnon / source |",
-        "|---|---:|---:|---:|---:|",
+        "| | wall s (median) | wall s (min) | GB/s (median) | peak RssAnon GiB "
+        "| peak RssAnon / source |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for label, r in res["rows"].items():
         lines.append(
-            f"| {label} | {r['wall_s']:.2f} | {r['gb_s']:.3f} | {r['peak_anon'] / GIB:.3f} "
+            f"| {label} | {r['wall_s']:.2f} | {min(r['walls']):.2f} | {r['gb_s']:.3f} "
+            f"| {r['peak_anon'] / GIB:.3f} "
             f"| {r['peak_ratio']:.2f}× |"
         )
     return "\n".join(lines)
@@ -385,8 +413,9 @@ def targets(res: dict[str, Any], cores: int) -> list[tuple[str, bool, str]]:
         (
             "within 2× of the copy bound",
             p1["wall_s"] <= 2 * copy["wall_s"],
-            f"{p1['wall_s']:.2f} s vs {copy['wall_s']:.2f} s "
-            f"(ratio {p1['wall_s'] / copy['wall_s']:.2f})",
+            f"median {p1['wall_s']:.2f} s vs {copy['wall_s']:.2f} s "
+            f"(ratio {p1['wall_s'] / copy['wall_s']:.2f}); best runs {min(p1['walls']):.2f} s vs "
+            f"{min(copy['walls']):.2f} s (ratio {min(p1['walls']) / min(copy['walls']):.2f})",
         )
     )
     speedups = []
@@ -441,6 +470,12 @@ def report(res: dict[str, Any], mach: dict[str, Any], command: str) -> str:
         f"({src_gib:.3f} GiB); output {out_gib:.3f} GiB (the vocab embedding is replicated on "
         "every rank, as TRT-LLM expects without `--parallel-embedding`).",
         f"- Wall times of each round (s): {walls}.",
+        "- Targets are judged on the medians. Writes on this machine are noisy: the same "
+        "copy-bound run takes anywhere from about 1.3 s to 5 s between repetitions (the time "
+        "goes into `write` to the page cache, not into `fsync`; fresh guest memory that the "
+        "hypervisor backs on first touch, or the virtual disk after the previous run's deletes, are "
+        "likely causes), so compare the best runs too. Since the copy bound is a floor, each "
+        "round runs it twice and keeps the faster try.",
         f"- Exporter path by phase (median s): `torch.load` {ph['load']:.2f}, "
         f"convert {ph['convert']:.2f}, `save_file` ×{TP} {ph['save']:.2f}.",
         "",
@@ -464,6 +499,15 @@ def report(res: dict[str, Any], mach: dict[str, Any], command: str) -> str:
         "`tensorrt_llm.functional.non_gated_version`, `tensorrt_llm.layers.MoeConfig`, the "
         "`tensorrt_llm.models.*Config` classes); none of them touches tensor data.",
         "",
+        "### Fixed costs",
+        "",
+        f"- Starting a Python process that imports torch and Porter's rank code takes "
+        f"{res['import_s']:.2f} s here (median of 3). `porter convert` pays it once; with "
+        "`--workers N > 1` every rank process is spawned and pays it again, so N workers on "
+        f"{mach['cores']} cores spend about N × {res['import_s']:.2f} s / {mach['cores']} of wall "
+        "time starting up before converting.",
+        "- The exporter path pays it too (plus megatron-core's imports).",
+        "",
         "### Targets (`--workers 1` unless stated)",
         "",
         "| target | met | numbers |",
@@ -486,8 +530,9 @@ def report(res: dict[str, Any], mach: dict[str, Any], command: str) -> str:
     if res["config_diffs"]:
         lines += [
             "",
-            "`config.json` keys that both write with different values (informational; the "
-            "exporter's config is what `TRTLLMHelper` passes to TRT-LLM's config class):",
+            "`config.json` (informational; the exporter's is what `TRTLLMHelper` passes to "
+            "TRT-LLM's config class, which Porter does not claim to reproduce; mapping fields "
+            "compared as `mapping`):",
             "",
             *(f"- {d}" for d in res["config_diffs"]),
         ]
@@ -509,7 +554,7 @@ def report(res: dict[str, Any], mach: dict[str, Any], command: str) -> str:
         "random weights (`bench/synthetic_checkpoint.py`).",
         f"- Target: TP={TP}, PP=1, bf16, replicated vocab embedding.",
         "",
-        "Reproduce (about 2–3 minutes here):",
+        "Reproduce (about 4 minutes here):",
         "",
         "```bash",
         command,
@@ -523,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scratch", type=Path, help="scratch parent directory (default: /tmp)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "PERFORMANCE.md")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     a = ap.parse_args(argv)
@@ -537,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             _clear(scratch)
     mach = machine()
     command = ".venv/bin/python bench/run_megatron_trtllm.py" + (
-        f" --rounds {a.rounds}" if a.rounds != 3 else ""
+        f" --rounds {a.rounds}" if a.rounds != 5 else ""
     )
     a.doc.parent.mkdir(parents=True, exist_ok=True)
     a.doc.write_text(report(res, mach, command))

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -66,6 +67,7 @@ class SafetensorsWriter:
         self.specs = specs
         self._next = 0
         self._hash = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
         self._bytes = 0
         header: dict[str, object] = {}
         if metadata:
@@ -84,8 +86,10 @@ class SafetensorsWriter:
         self._emit(struct.pack("<Q", len(encoded)) + encoded)
 
     def _emit(self, data: bytes | memoryview) -> None:
+        # Hash on a helper thread while this one writes: both release the GIL on large buffers.
+        hashing = self._hasher.submit(self._hash.update, data)
         self._file.write(data)
-        self._hash.update(data)
+        hashing.result()
         self._bytes += len(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -107,6 +111,7 @@ class SafetensorsWriter:
 
     def close(self) -> WrittenFile:
         """Flush to disk and return the file's size and sha256; fails if tensors are missing."""
+        self._hasher.shutdown()
         if self._next != len(self.specs):
             self._file.close()
             raise RuntimeError(
@@ -127,4 +132,5 @@ class SafetensorsWriter:
         tb: TracebackType | None,
     ) -> None:
         if exc_type is not None and not self._file.closed:
+            self._hasher.shutdown()
             self._file.close()

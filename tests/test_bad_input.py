@@ -133,7 +133,8 @@ def test_shards_whose_shapes_disagree(capsys, llama_tp2, tmp_path):
     path = llama_tp2 / RANK1
     key = "decoder.layers.1.self_attention.linear_proj.weight"
     rewrite(path, lambda payload: payload["model"].__setitem__(key, torch.zeros(64, 40)))
-    code, err = run_convert(capsys, llama_tp2, tmp_path / "out", "--tp", "2")
+    # Two workers: the error crosses the process boundary intact.
+    code, err = run_convert(capsys, llama_tp2, tmp_path / "out", "--tp", "2", "--workers", "2")
     assert_failed_cleanly(code, err, tmp_path / "out", str(path), key, "(64, 40)", "(64, 32)")
 
 

@@ -61,7 +61,8 @@ class Summary:
 
 
 def choose_workers(inspected: dict, requested: int | None, settings: Settings) -> int:
-    """`requested`, or as many rank processes as both the cores and the available RAM allow."""
+    """`requested`, or as many rank processes as the cores and the available RAM allow, and no more
+    than the output size justifies (small conversions run in this process)."""
     ranks = len(inspected["ranks"])
     if requested is not None:
         if requested < 1:
@@ -69,7 +70,8 @@ def choose_workers(inspected: dict, requested: int | None, settings: Settings) -
         return min(requested, ranks)
     per_rank = max(r["peak_bytes"] for r in inspected["ranks"]) + settings.process_overhead_bytes
     by_memory = int(psutil.virtual_memory().available * settings.memory_fraction) // per_rank
-    return max(1, min(ranks, os.cpu_count() or 1, by_memory))
+    by_size = sum(r["bytes_written"] for r in inspected["ranks"]) // settings.bytes_per_worker
+    return max(1, min(ranks, os.cpu_count() or 1, by_memory, by_size))
 
 
 class _ProgressDrain(threading.Thread):

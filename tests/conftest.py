@@ -58,9 +58,12 @@ def _load_or_write(root: Path, name: str) -> Checkpoints:
 
 
 @pytest.fixture(scope="session")
-def fixture_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory shared by all xdist workers of this session."""
-    root = tmp_path_factory.getbasetemp().parent / "porter-megatron-fixtures"
+def fixture_root(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """A directory of this session, shared by all its xdist workers."""
+    session_dir = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # xdist: each worker's basetemp sits in the session's directory
+        session_dir = session_dir.parent
+    root = session_dir / "porter-megatron-fixtures"
     root.mkdir(exist_ok=True)
     return root
 

@@ -195,3 +195,26 @@ def test_every_source_layout_gives_identical_bytes(megatron, tmp_path, layout):
     for rank in range(2):
         name = f"rank{rank}.safetensors"
         assert (output / name).read_bytes() == (reference / name).read_bytes()
+
+
+def test_resume_reuses_ranks_committed_by_a_killed_run(megatron, tmp_path):
+    """Ranks finished before a hard kill are reused; stale staging of other jobs is removed."""
+    from tasks import steps
+
+    source = megatron("llama").paths[LAYOUTS[1]]
+    output = tmp_path / "out"
+    spec = ConvertSpec(str(source), str(output), tp=2)
+    job = steps.inspect_source(spec)["job_id"]
+    steps.staging_dir(spec, job).mkdir(parents=True)
+    first = steps.convert_rank_step(spec, job, 0)  # what a run killed after rank 0 leaves behind
+    (output / ".porter-staging-otherjob").mkdir()
+    summary = run_conversion(spec, workers=1)
+    assert summary.ranks[0] == first  # not converted again
+    assert summary.ranks[1]["pid"] == first["pid"] and summary.ranks[1] != first
+    assert sorted(p.name for p in output.iterdir()) == [
+        "config.json",
+        "manifest.json",
+        "rank0.safetensors",
+        "rank1.safetensors",
+    ]
+    assert_matches_megatron(output, megatron("llama"))

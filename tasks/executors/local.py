@@ -138,8 +138,12 @@ def run_conversion(
     output = Path(spec.output)
     created_output = not output.exists()
     staging = steps.staging_dir(spec, job)
-    shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted run
-    staging.mkdir(parents=True)
+    if output.is_dir():  # staging left by killed runs of other specs: OUTPUT holds one conversion
+        for stale in output.glob(".porter-staging-*"):
+            if stale != staging:
+                shutil.rmtree(stale, ignore_errors=True)
+    # A killed run of this very job left its finished ranks committed here: they are reused.
+    staging.mkdir(parents=True, exist_ok=True)
     count = choose_workers(inspected, workers, settings)
     try:
         results = _convert_ranks(spec, job, inspected, count, on_progress)

@@ -1,0 +1,122 @@
+"""Load PowerInfer activation statistics (`activation_<i>.pt`, one 1-D tensor per layer) safely.
+
+Files are read with `converters.megatron.safe_load.load_pt` (`weights_only=True`, allow-list): a
+pickle that references anything else is refused before it is loaded, so nothing in it runs. Layers
+are ordered numerically (0, 1, 2, …, 10), not as strings (PowerInfer issue #247). Only names that
+match exactly `activation_<int>.pt` count; other files are ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from converters.megatron.safe_load import load_pt
+from converters.powerinfer.errors import (
+    BadActivationShape,
+    BadActivationValues,
+    MissingActivationLayer,
+    NotATensor,
+)
+
+ACTIVATION_NAME = re.compile(r"activation_([0-9]+)\.pt")
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Per-layer statistics: `values[l]` is layer l's float64 vector of length n_ff."""
+
+    values: np.ndarray  # float64 [n_layers, n_ff], C-contiguous
+    files: tuple[Path, ...]  # files[l] is the source of values[l]
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def n_ff(self) -> int:
+        return int(self.values.shape[1])
+
+
+def find_activation_files(directory: Path) -> list[Path]:
+    """The `activation_<i>.pt` files of `directory` in numeric layer order; checks 0..L-1 all exist."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise MissingActivationLayer("not a directory of activation_<i>.pt files", directory)
+    by_layer: dict[int, Path] = {}
+    for path in directory.iterdir():
+        match = ACTIVATION_NAME.fullmatch(path.name)
+        if match is None or not path.is_file():
+            continue
+        layer = int(match.group(1))
+        if layer in by_layer:
+            raise MissingActivationLayer(
+                f"both {by_layer[layer].name} and {path.name} claim layer {layer}; keep one",
+                directory,
+            )
+        by_layer[layer] = path
+    if not by_layer:
+        raise MissingActivationLayer("no activation_<i>.pt files found", directory)
+    n_layers = max(by_layer) + 1
+    missing = [i for i in range(n_layers) if i not in by_layer]
+    if missing:
+        shown = ", ".join(f"activation_{i}.pt" for i in missing[:5])
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise MissingActivationLayer(
+            f"missing {shown}{more}: layers 0..{n_layers - 1} must all be present", directory
+        )
+    return [by_layer[i] for i in range(n_layers)]
+
+
+def _layer_vector(path: Path) -> np.ndarray:
+    obj = load_pt(path)
+    if not isinstance(obj, torch.Tensor):
+        raise NotATensor(
+            f"expected a torch.save'd 1-D tensor of activation counts, found {type(obj).__name__}",
+            path,
+        )
+    if obj.ndim != 1:
+        raise BadActivationShape(
+            f"expected a 1-D tensor of length n_ff, found shape {tuple(obj.shape)}", path
+        )
+    if obj.dtype == torch.bool or obj.is_complex() or obj.is_quantized:
+        raise BadActivationValues(f"dtype {obj.dtype} is not a float or int type", path)
+    values = obj.to(torch.float64).numpy()
+    if not np.isfinite(values).all():
+        bad = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise BadActivationValues(f"value at neuron {bad} is {values[bad]} (NaN or infinite)", path)
+    if (values < 0).any():
+        bad = int(np.flatnonzero(values < 0)[0])
+        raise BadActivationValues(
+            f"value at neuron {bad} is negative ({values[bad]}); activation counts must be ≥ 0",
+            path,
+        )
+    return values
+
+
+def load_activations(directory: Path, *, n_layers: int | None = None) -> Activations:
+    """Load and validate every layer; `n_layers`, if given, must equal the number of files."""
+    files = find_activation_files(directory)
+    if n_layers is not None and len(files) != n_layers:
+        raise MissingActivationLayer(
+            f"found {len(files)} layers (activation_0.pt..activation_{len(files) - 1}.pt), "
+            f"the model has {n_layers}",
+            directory,
+        )
+    rows: list[np.ndarray] = []
+    for path in files:
+        row = _layer_vector(path)
+        if rows and row.shape != rows[0].shape:
+            raise BadActivationShape(
+                f"has {row.shape[0]} neurons but {files[0].name} has {rows[0].shape[0]}; "
+                "all layers must have the same n_ff",
+                path,
+            )
+        rows.append(row)
+    if rows[0].shape[0] == 0:
+        raise BadActivationShape("the tensor is empty (n_ff = 0)", files[0])
+    return Activations(values=np.stack(rows), files=tuple(files))

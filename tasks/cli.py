@@ -68,6 +68,59 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     megatron.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    index = convert_kinds.add_parser(
+        "powerinfer-index",
+        help="PowerInfer activation statistics → GPU index file(s) PowerInfer loads",
+    )
+    index.add_argument("activations", help="directory of activation_<layer>.pt files")
+    index.add_argument(
+        "output", help="index file to write (a directory when several budgets are given)"
+    )
+    index.add_argument(
+        "--vram-capacity", type=int, action="append", required=True, metavar="BYTES",
+        help="VRAM capacity stored in the file (split.vram_capacity); repeat for one file per budget",
+    )  # fmt: skip
+    how = index.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--capacity",
+        type=int,
+        action="append",
+        metavar="NEURONS",
+        help="GPU neurons over all layers (one per --vram-capacity)",
+    )
+    how.add_argument(
+        "--counts", help="explicit per-layer GPU neuron counts c0,c1,... (skips the solver)"
+    )
+    how.add_argument(
+        "--vram-budget",
+        type=int,
+        action="append",
+        metavar="BYTES",
+        help="FFN weight bytes allowed on the GPU (one per --vram-capacity)",
+    )
+    index.add_argument("--n-embd", type=int, help="hidden size (with --vram-budget)")
+    index.add_argument(
+        "--weight-bytes",
+        type=float,
+        help="bytes per FFN weight, e.g. 2 for fp16 (with --vram-budget)",
+    )
+    index.add_argument(
+        "--gated", action="store_true", help="gated FFN (up, gate, down) (with --vram-budget)"
+    )
+    index.add_argument("--batch", type=int, default=256, help="neurons per group (default 256)")
+    index.add_argument(
+        "--threshold", type=int, default=0, help="minimum GPU neurons of a layer that gets any"
+    )
+
+    inspect = commands.add_parser(
+        "inspect", help="print what a PowerInfer GPU index puts on the GPU"
+    )
+    inspect.add_argument("file", help="a .gpuidx file (PWRI)")
+    inspect.add_argument(
+        "--activations",
+        help="activation directory, to show the share of activation mass on the GPU",
+    )
+
     plan = commands.add_parser(
         "plan", help="show what a conversion will read, write and hold, per rank"
     )
@@ -144,6 +197,81 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_budgets(args: argparse.Namespace) -> tuple:
+    from converters.powerinfer.solver import capacity_from_vram
+    from tasks.powerinfer_index import IndexBudget
+
+    capacities = args.vram_capacity
+    if args.counts is not None:
+        if len(capacities) != 1:
+            raise ConversionError("--counts describes one file: give exactly one --vram-capacity")
+        try:
+            counts = tuple(int(c) for c in args.counts.split(","))
+        except ValueError:
+            raise ConversionError(
+                f"--counts must be comma-separated integers, got {args.counts!r}"
+            ) from None
+        return (IndexBudget(capacities[0], counts=counts),)
+    values = args.capacity if args.capacity is not None else args.vram_budget
+    option = "--capacity" if args.capacity is not None else "--vram-budget"
+    if len(values) != len(capacities):
+        raise ConversionError(
+            f"give one {option} per --vram-capacity ({len(values)} vs {len(capacities)})"
+        )
+    if args.capacity is not None:
+        return tuple(
+            IndexBudget(v, capacity=c, formula="given")
+            for v, c in zip(capacities, values, strict=True)
+        )
+    if args.n_embd is None or args.weight_bytes is None:
+        raise ConversionError(
+            "--vram-budget needs --n-embd and --weight-bytes (and --gated for gated FFNs)"
+        )
+    budgets = []
+    for vram, budget in zip(capacities, values, strict=True):
+        capacity = capacity_from_vram(
+            budget, n_embd=args.n_embd, bytes_per_weight=args.weight_bytes, gated=args.gated
+        )
+        budgets.append(IndexBudget(vram, capacity=capacity.neurons, formula=capacity.formula))
+    return tuple(budgets)
+
+
+def _convert_index(args: argparse.Namespace) -> int:
+    from tasks.powerinfer_index import IndexSpec, export_gpu_indices
+
+    spec = IndexSpec(
+        activations=str(Path(args.activations).resolve()),
+        output=str(Path(args.output).resolve()),
+        budgets=_index_budgets(args),
+        batch=args.batch,
+        threshold=args.threshold,
+    )
+    for result in export_gpu_indices(spec):
+        print(
+            f"{result['path']}: {sum(result['counts'])} GPU neurons over {len(result['counts'])} layers "
+            f"({result['method']}, capacity {result['capacity']}, {result['capacity_formula']}), "
+            f"coverage {result['coverage']:.2%}, sha256 {result['sha256'][:16]}"
+        )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from converters.powerinfer.activations import load_activations
+    from converters.powerinfer.gpuindex import read_gpu_index, summarize
+
+    index = read_gpu_index(Path(args.file))
+    values = load_activations(Path(args.activations)).values if args.activations else None
+    print(
+        f"{args.file}: {len(index.layers)} layers, "
+        + ", ".join(f"{k}={v[1]}" for k, v in index.kv.items())
+    )
+    print(f"{'layer':>5}  {'n_ff':>7}  {'gpu':>7}  {'mass on gpu':>11}")
+    for row in summarize(index, values):
+        share = "" if row.mass_share is None else f"{row.mass_share:.2%}"
+        print(f"{row.layer:>5}  {row.n_ff:>7}  {row.gpu_neurons:>7}  {share:>11}")
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from tasks import steps
 
@@ -181,7 +309,9 @@ def _example(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `porter` console script; returns the exit status."""
     args = _build_parser().parse_args(argv)
-    handlers = {"convert": _convert, "plan": _plan, "example": _example}
+    handlers = {"convert": _convert, "plan": _plan, "example": _example, "inspect": _inspect}
+    if args.command == "convert" and args.kind == "powerinfer-index":
+        handlers["convert"] = _convert_index
     try:
         return handlers[args.command](args)
     except ConversionError as exc:

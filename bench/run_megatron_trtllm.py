@@ -9,7 +9,7 @@ One run, in a scratch directory (deleted at the end):
      Megatron exporter path (bench/megatron_exporter_baseline.py);
      for each: wall time and peak RssAnon summed over the process tree (sampled every 20 ms);
   3. check that Porter's rank files equal the exporter's, tensor by tensor (`torch.equal`);
-  4. write docs/PERFORMANCE.md and print the table.
+  4. write its section of docs/PERFORMANCE.md (bench/docs_section.py) and print the table.
 
 Reported wall time is the median over rounds, peak memory the maximum over rounds.
 GB/s = output bytes (sum of rank*.safetensors) / wall seconds, with GB = 1e9 bytes.
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from docs_section import replace_section
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -439,7 +440,7 @@ def targets(res: dict[str, Any], cores: int) -> list[tuple[str, bool, str]]:
 
 
 def report(res: dict[str, Any], mach: dict[str, Any], command: str) -> str:
-    """docs/PERFORMANCE.md."""
+    """The megatron-trtllm section of docs/PERFORMANCE.md."""
     s = res["checkpoint"]["shape"]
     src_gib = res["source_bytes"] / GIB
     out_gib = res["rows"][porter_label(1)]["output_bytes"] / GIB
@@ -450,8 +451,6 @@ def report(res: dict[str, Any], mach: dict[str, Any], command: str) -> str:
     )
     ph = res["baseline_phases"]
     lines = [
-        "# Performance",
-        "",
         "## Megatron-LM → TensorRT-LLM, TP=4, ≈1 GiB bf16 Llama-like checkpoint",
         "",
         f"Measured {dt.date.today().isoformat()} by `bench/run_megatron_trtllm.py` "
@@ -589,8 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     command = ".venv/bin/python bench/run_megatron_trtllm.py" + (
         f" --rounds {a.rounds}" if a.rounds != 5 else ""
     )
-    a.doc.parent.mkdir(parents=True, exist_ok=True)
-    a.doc.write_text(report(res, mach, command))
+    replace_section(a.doc, "megatron-trtllm", report(res, mach, command))
     print(table(res))
     print()
     for t, ok, n in targets(res, mach["cores"]):

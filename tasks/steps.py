@@ -18,6 +18,7 @@ from typing import Any
 
 from converters.errors import ConversionError
 from converters.megatron.layout import open_checkpoint
+from converters.model import ModelConfig
 from converters.trtllm.config import trtllm_config
 from converters.trtllm.convert import Progress, convert_rank, rank_file_name
 from converters.trtllm.families import family_for
@@ -96,11 +97,11 @@ def convert_rank_step(
     return data
 
 
-def write_config_step(spec: ConvertSpec, job: str) -> dict[str, Any]:
-    """Write `config.json` into the job's staging directory."""
-    source = open_checkpoint(Path(spec.source))
+def write_config_step(spec: ConvertSpec, job: str, inspected: dict[str, Any]) -> dict[str, Any]:
+    """Write `config.json` into the job's staging directory (from `inspect_source`'s config)."""
     path = staging_dir(spec, job) / CONFIG
-    text = json.dumps(trtllm_config(source.config, spec.target), indent=2) + "\n"
+    config = ModelConfig(**inspected["config"])
+    text = json.dumps(trtllm_config(config, spec.target), indent=2) + "\n"
     path.write_text(text)
     data = text.encode()
     return {"file": CONFIG, "bytes_written": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -78,8 +78,7 @@ class DistSource:
         if parsed is None:
             raise KeyError(name)
         layer, suffix = parsed
-        aliases = [alias for alias, target in names.FUSED_NORM_ALIASES.items() if target == suffix]
-        for stored in (suffix, *aliases):
+        for stored in names.stored_suffixes(suffix):
             if names.layer_name(layer, stored) in self._ckpt:
                 return names.layer_name(layer, stored), None
             if _STACKED_PREFIX + stored in self._ckpt:

@@ -221,14 +221,13 @@ class LegacyCheckpoint:
             return 0, (name,)
         if name in names.GLOBAL_PARAMS:
             return self.pp - 1, (name,)
-        parsed = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)
+        parsed = names.split_layer_name(name)
         if not parsed:
             raise KeyError(name)
-        layer, suffix = int(parsed.group(1)), parsed.group(2)
+        layer, suffix = parsed
         stage = max(s for s, offset in enumerate(self._layer_offsets) if offset <= layer)
         local = layer - self._layer_offsets[stage]
-        aliases = [alias for alias, target in names.FUSED_NORM_ALIASES.items() if target == suffix]
-        return stage, tuple(names.layer_name(local, s) for s in (suffix, *aliases))
+        return stage, tuple(names.layer_name(local, s) for s in names.stored_suffixes(suffix))
 
     def has(self, name: str) -> bool:
         """Whether the checkpoint stores the canonical tensor `name`."""

@@ -87,6 +87,17 @@ def parse_layer_key(key: str) -> tuple[int, str] | None:
     return (int(match.group(1)), suffix) if suffix else None
 
 
+def split_layer_name(name: str) -> tuple[int, str] | None:
+    """(layer, suffix) of a canonical per-layer name, None for a global one."""
+    match = _LAYER_KEY.match(name)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def stored_suffixes(suffix: str) -> tuple[str, ...]:
+    """The suffixes a checkpoint may store a canonical per-layer suffix under (fused-norm aliases)."""
+    return (suffix, *(alias for alias, target in FUSED_NORM_ALIASES.items() if target == suffix))
+
+
 def layer_name(layer: int, suffix: str) -> str:
     """The canonical name of a per-layer parameter."""
     return f"decoder.layers.{layer}.{suffix}"
@@ -103,13 +114,10 @@ def param_kind(name: str) -> ParamKind:
 
 
 def partition_of(name: str, cfg: ModelConfig) -> Partition:
-    """How training TP splits the canonical tensor `name`."""
-    kind = param_kind(name)
-    if kind.partition == "rows" and name.endswith("mlp.linear_fc1.weight"):
+    """How training TP splits the canonical tensor `name` (a gated fc1 splits by halves)."""
+    if name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")):
         return _fc1_partition(cfg)
-    if kind.partition == "rows" and name.endswith("mlp.linear_fc1.bias"):
-        return _fc1_partition(cfg)
-    return kind.partition
+    return param_kind(name).partition
 
 
 def expected_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:

@@ -147,7 +147,7 @@ def run_conversion(
     count = choose_workers(inspected, workers, settings)
     try:
         results = _convert_ranks(spec, job, inspected, count, on_progress)
-        config = steps.write_config_step(spec, job)
+        config = steps.write_config_step(spec, job, inspected)
         steps.publish_step(spec, job, inspected, [*results, config])
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,9 +1,19 @@
-"""Porter's settings: one `Settings` object, from `PORTER_*` environment variables."""
+"""Porter's settings: one `Settings` object, from an optional TOML file and `PORTER_*` env vars.
+
+Precedence: environment variable `PORTER_<FIELD>` > the file named by `PORTER_CONFIG` (keys are the
+field names, at the top level or under a `[porter]` table) > the defaults below. S3 is configured
+through boto3's own standard configuration (`AWS_ENDPOINT_URL_S3`, credentials, region), not here.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+HOUR = 3600
 
 
 @dataclass(frozen=True)
@@ -15,18 +25,52 @@ class Settings:
     # Output bytes that make an extra rank process worth its start-up (about a second of CPU).
     bytes_per_worker: int = 2 * 2**30
 
+    # Broker, result backend and job records (one Redis).
+    redis_url: str = "redis://localhost:6379/0"
+    # A task still running after this long is delivered again (acks_late): above the longest rank.
+    visibility_timeout: int = 12 * HOUR
+    # How often kombu looks for unacknowledged messages of dead workers to restore (seconds).
+    unacked_restore_interval: int = 10
+    unacked_restore_throttle: int = 10
+    # Chord state and task results live this long in Redis: above the longest job.
+    result_expires: int = 7 * 24 * HOUR
+    # Job records are kept this long after a job ends.
+    record_ttl: int = 30 * 24 * HOUR
+    # A step delivered more often than this (its worker died each time) fails the job.
+    max_deliveries: int = 3
+    # Seconds between progress writes of a running step.
+    progress_interval: float = 0.5
+
     @classmethod
     def from_env(cls) -> Settings:
-        """Settings with the `PORTER_<FIELD NAME>` environment variables applied."""
-        defaults = cls()
-        return cls(
-            memory_fraction=float(
-                os.environ.get("PORTER_MEMORY_FRACTION", defaults.memory_fraction)
-            ),
-            process_overhead_bytes=int(
-                os.environ.get("PORTER_PROCESS_OVERHEAD_BYTES", defaults.process_overhead_bytes)
-            ),
-            bytes_per_worker=int(
-                os.environ.get("PORTER_BYTES_PER_WORKER", defaults.bytes_per_worker)
-            ),
-        )
+        """Settings from the defaults, the `PORTER_CONFIG` file and `PORTER_<FIELD>` variables."""
+        values: dict[str, Any] = {}
+        config_file = os.environ.get("PORTER_CONFIG")
+        if config_file:
+            values.update(_read_file(Path(config_file)))
+        for f in fields(cls):
+            raw = os.environ.get(f"PORTER_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = raw
+        return cls(**{name: _coerce(cls, name, value) for name, value in values.items()})
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the Porter config file: {exc}") from exc
+    table = data.get("porter", data)
+    known = {f.name for f in fields(Settings)}
+    unknown = sorted(k for k in table if k not in known and not isinstance(table[k], dict))
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {', '.join(unknown)}")
+    return {k: v for k, v in table.items() if k in known}
+
+
+def _coerce(cls: type[Settings], name: str, value: Any) -> Any:
+    kind = type(getattr(cls(), name))
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"setting {name}: expected {kind.__name__}, got {value!r}") from exc

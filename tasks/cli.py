@@ -8,8 +8,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import redis
+
 from converters.errors import ConversionError
 from converters.model import DTYPES
+from tasks import cli_queue
 from tasks.jobs import ConvertSpec
 
 
@@ -34,14 +37,20 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _location(text: str) -> str:
+    """An s3:// URI as given, a local path made absolute."""
+    return text if text.startswith("s3://") else str(Path(text).resolve())
+
+
 def _spec(args: argparse.Namespace, output: str) -> ConvertSpec:
     return ConvertSpec(
-        source=str(Path(args.source).resolve()),
-        output=str(Path(output).resolve()),
+        source=_location(args.source),
+        output=_location(output),
         tp=args.tp,
         pp=args.pp,
         dtype=args.dtype,
         parallel_embedding=args.parallel_embedding,
+        engines=getattr(args, "engines", False),
     )
 
 
@@ -130,6 +139,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     plan_megatron.add_argument("source")
     _add_target_options(plan_megatron)
+
+    cli_queue.add_commands(commands, _add_target_options)
 
     example = commands.add_parser("example", help="write a small real checkpoint to try Porter on")
     example_kinds = example.add_subparsers(dest="kind", required=True)
@@ -282,11 +293,21 @@ def _plan(args: argparse.Namespace) -> int:
         f"family {inspected['family']}, {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, {cfg['dtype']}; "
         f"source files {_human(inspected['source_bytes'])}"
     )
-    print(f"{'rank':>4}  {'reads':>12}  {'writes':>12}  {'peak tensors':>12}")
+    from config.settings import Settings
+
+    overhead = Settings.from_env().process_overhead_bytes
+    print(f"{'rank':>4}  {'reads':>12}  {'writes':>12}  {'peak tensors':>12}  {'peak memory':>12}")
     for r in inspected["ranks"]:
         print(
-            f"{r['rank']:>4}  {_human(r['bytes_read']):>12}  {_human(r['bytes_written']):>12}  {_human(r['peak_bytes']):>12}"
+            f"{r['rank']:>4}  {_human(r['bytes_read']):>12}  {_human(r['bytes_written']):>12}  "
+            f"{_human(r['peak_bytes']):>12}  {_human(r['peak_bytes'] + overhead):>12}"
         )
+    worst = max(r["peak_bytes"] for r in inspected["ranks"]) + overhead
+    print(
+        f"a worker process needs about {_human(worst)} of RAM per concurrent rank "
+        f"(peak tensors + {_human(overhead)} for Python and torch); "
+        f"{len(inspected['ranks'])} ranks can run in parallel"
+    )
     return 0
 
 
@@ -309,7 +330,18 @@ def _example(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `porter` console script; returns the exit status."""
     args = _build_parser().parse_args(argv)
-    handlers = {"convert": _convert, "plan": _plan, "example": _example, "inspect": _inspect}
+    handlers = {
+        "convert": _convert,
+        "plan": _plan,
+        "example": _example,
+        "inspect": _inspect,
+        "submit": lambda a: cli_queue.submit(a, _spec(a, a.output)),
+        "status": cli_queue.status,
+        "jobs": cli_queue.jobs,
+        "cancel": cli_queue.cancel,
+        "retry": cli_queue.retry,
+        "worker": cli_queue.worker,
+    }
     if args.command == "convert" and args.kind == "powerinfer-index":
         handlers["convert"] = _convert_index
     try:
@@ -317,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConversionError as exc:
         print(f"porter: error: {exc}", file=sys.stderr)
         return 1
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, ValueError, redis.RedisError) as exc:
         if os.environ.get("PORTER_DEBUG"):
             raise
         print(f"porter: error: {exc}".splitlines()[0], file=sys.stderr)

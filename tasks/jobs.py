@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 from converters.trtllm.plan import Target
 
@@ -30,6 +30,7 @@ class ConvertSpec:
     pp: int = 1
     dtype: str | None = None
     parallel_embedding: bool = False
+    engines: bool = False  # also build TensorRT-LLM engines (gpu queue)
     kind: str = "megatron-trtllm"
 
     @property
@@ -46,21 +47,33 @@ class ConvertSpec:
         return cls(**data)
 
 
-def source_identity(files: list[Path]) -> list[tuple[str, int, int]]:
-    """(name, size, mtime_ns) of every source file: changes whenever the checkpoint does."""
-    identity = []
-    for path in sorted(files):
-        stat = path.stat()
-        identity.append((str(path), stat.st_size, stat.st_mtime_ns))
-    return identity
+def identity_digest(identity: list) -> str:
+    """A short digest of a source identity ([[name, size, version], ...])."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def job_id(spec: ConvertSpec, files: list[Path]) -> str:
-    """Same spec (destination included) + same source files + same Porter format = same id."""
+def job_id(spec: ConvertSpec, identity: list) -> str:
+    """Same spec (destination included) + same source files (names, sizes, versions) + same Porter
+    format = same id."""
     payload = {
         "spec": spec.to_dict(),
-        "source": source_identity(files),
+        "source": identity,
         "format_version": FORMAT_VERSION,
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return f"{spec.kind}-{digest[:16]}"
+
+
+def output_tag(job: str, identity_digest: str) -> str:
+    """What every artifact of a job is tagged with: the job and the source version it was made from
+    (a retry after the source was fixed must not reuse ranks made from the old bytes)."""
+    return f"{job}.{identity_digest}"
+
+
+_TAG = re.compile(r"^(?P<job>[a-z][a-z-]*-[0-9a-f]{16})\.[0-9a-f]{16}$")
+
+
+def tag_job(tag: str | None) -> str | None:
+    """The job id inside an artifact tag written by `output_tag`, or None for anything else."""
+    match = _TAG.match(tag or "")
+    return match.group("job") if match else None

@@ -31,6 +31,7 @@ _CHUNK = 8 * MiB
 _RESERVED = ".porter-"  # path components starting with this are the store's own files
 _META_DIR = ".porter-meta"
 SHA256_META = "sha256"  # S3 user metadata name (sent as x-amz-meta-sha256)
+TAG_META = "porter-tag"  # who wrote an artifact (a job and its source identity), for reuse checks
 
 
 class ArtifactError(ConversionError):
@@ -47,12 +48,14 @@ class InvalidKey(ArtifactError, ValueError):
 
 @dataclass(frozen=True)
 class Artifact:
-    """One stored object: its key, size in bytes, recorded sha256 (None if none) and ETag."""
+    """One stored object: its key, size in bytes, recorded sha256 (None if none), ETag, and the
+    tag given by whoever wrote it (None if none)."""
 
     key: str
     bytes: int
     sha256: str | None
     etag: str
+    tag: str | None = None
 
 
 def check_key(key: str, *, prefix: bool = False) -> str:
@@ -124,8 +127,23 @@ class ArtifactStore(Protocol):
         """The URI of `key` (or of the store root)."""
         ...
 
-    def put_file(self, local: Path, key: str) -> Artifact:
-        """Upload `local` as `key` (replacing it), recording its sha256."""
+    def put_file(
+        self,
+        local: Path,
+        key: str,
+        *,
+        sha256: str | None = None,
+        tag: str | None = None,
+        move: bool = False,
+    ) -> Artifact:
+        """Upload `local` as `key` (replacing it), recording its sha256 (computed unless given)
+        and `tag`. With `move`, `local` is consumed (renamed into place where possible)."""
+        ...
+
+    @contextlib.contextmanager
+    def scratch(self, key: str) -> Iterator[Path]:
+        """A temporary local path to produce `key`'s bytes in (then `put_file(..., move=True)`);
+        removed on exit if still there. Local stores place it beside `key`, so moving is a rename."""
         ...
 
     def get_file(self, key: str, local: Path) -> Artifact:
@@ -150,6 +168,15 @@ class ArtifactStore(Protocol):
 
     def get_json(self, key: str) -> dict[str, Any] | None:
         """The JSON object stored at `key`; None if absent."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Delete `key` (no error if absent)."""
+        ...
+
+    def seal(self, keys: list[str]) -> None:
+        """`keys` are committed (listed in a manifest with their sha256): drop the per-artifact
+        bookkeeping the store kept beside them, if any."""
         ...
 
     def delete_prefix(self, prefix: str) -> None:
@@ -185,30 +212,64 @@ class LocalStore:
     def _etag(st: os.stat_result) -> str:
         return f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
 
-    def put_file(self, local: Path, key: str) -> Artifact:
+    def put_file(
+        self,
+        local: Path,
+        key: str,
+        *,
+        sha256: str | None = None,
+        tag: str | None = None,
+        move: bool = False,
+    ) -> Artifact:
         dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if move and sha256 is not None and os.stat(local).st_dev == os.stat(dest.parent).st_dev:
+            with open(local, "rb+") as f:
+                os.fsync(f.fileno())
+            etag = self._etag(os.stat(local))  # rename keeps inode, size and mtime
+            self._write_meta(key, sha256, os.stat(local).st_size, etag, tag)
+            os.replace(local, dest)
+            return Artifact(key, os.stat(dest).st_size, sha256, etag, tag)
         with open(local, "rb") as src, _atomic_target(dest) as tmp:
             with open(tmp, "wb") as dst:
                 sha, size = _hash_copy(src, dst)
                 dst.flush()
                 os.fsync(dst.fileno())
-            etag = self._etag(os.stat(tmp))  # rename keeps inode, size and mtime
-            meta = self._meta_path(key)
-            with _atomic_target(meta) as mtmp:
-                mtmp.write_text(json.dumps({"sha256": sha, "bytes": size, "etag": etag}))
-        return Artifact(key, size, sha, etag)
+            if sha256 is not None and sha256 != sha:
+                raise CorruptArtifact(
+                    f"{local} hashes to {sha}, not the given {sha256}", self.uri(key)
+                )
+            etag = self._etag(os.stat(tmp))
+            self._write_meta(key, sha, size, etag, tag)
+        if move:
+            Path(local).unlink(missing_ok=True)
+        return Artifact(key, size, sha, etag, tag)
+
+    def _write_meta(self, key: str, sha: str, size: int, etag: str, tag: str | None) -> None:
+        with _atomic_target(self._meta_path(key)) as mtmp:
+            mtmp.write_text(json.dumps({"sha256": sha, "bytes": size, "etag": etag, "tag": tag}))
+
+    @contextlib.contextmanager
+    def scratch(self, key: str) -> Iterator[Path]:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        path = dest.parent / f"{_RESERVED}tmp-{uuid.uuid4().hex}-{dest.name}"
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
 
     def stat(self, key: str) -> Artifact | None:
         try:
             st = os.stat(self._path(key))
         except FileNotFoundError:
             return None
-        etag, sha = self._etag(st), None
+        etag, sha, tag = self._etag(st), None, None
         with contextlib.suppress(FileNotFoundError, ValueError):
             meta = json.loads(self._meta_path(key).read_text())
             if meta.get("etag") == etag:
-                sha = meta.get("sha256")
-        return Artifact(key, st.st_size, sha, etag)
+                sha, tag = meta.get("sha256"), meta.get("tag")
+        return Artifact(key, st.st_size, sha, etag, tag)
 
     def _require(self, key: str) -> Artifact:
         art = self.stat(key)
@@ -268,6 +329,28 @@ class LocalStore:
             return json.loads(self._path(key).read_bytes())
         except FileNotFoundError:
             return None
+
+    def delete(self, key: str) -> None:
+        for path in (self._path(key), self._meta_path(key)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._prune(key)
+
+    def seal(self, keys: list[str]) -> None:
+        for key in keys:
+            self._meta_path(key).unlink(missing_ok=True)
+            self._prune(key)
+
+    def _prune(self, key: str) -> None:
+        """Remove the folders of `key` (data and sidecar) that are left empty, up to the root."""
+        for top in (self.root, self.root / _META_DIR):
+            folder = (top / key).parent
+            while folder != self.root and folder.is_relative_to(self.root):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+                folder = folder.parent
 
     def delete_prefix(self, prefix: str) -> None:
         for key in self.list(prefix):
@@ -360,8 +443,9 @@ class S3Store:
                 self._check_bucket()  # HEAD says 404 for a missing bucket too
                 return None
             raise
+        meta = r.get("Metadata", {})
         return Artifact(
-            key, r["ContentLength"], r.get("Metadata", {}).get(SHA256_META), r["ETag"].strip('"')
+            key, r["ContentLength"], meta.get(SHA256_META), r["ETag"].strip('"'), meta.get(TAG_META)
         )
 
     def _check_bucket(self) -> None:
@@ -379,23 +463,44 @@ class S3Store:
             raise ArtifactError("no such object", self.uri(key))
         return art
 
-    def put_file(self, local: Path, key: str) -> Artifact:
-        # The sha256 goes into the metadata, which S3 takes when the upload starts, so it is
-        # computed in a first pass over the local file; parts are then read by several threads.
+    def put_file(
+        self,
+        local: Path,
+        key: str,
+        *,
+        sha256: str | None = None,
+        tag: str | None = None,
+        move: bool = False,
+    ) -> Artifact:
+        # The sha256 goes into the metadata, which S3 takes when the upload starts, so unless the
+        # caller knows it, it is computed in a first pass; parts are then read by several threads.
         name = self._name(key)
-        sha = sha256_file(local)
+        sha = sha256 or sha256_file(local)
+        metadata = {SHA256_META: sha, **({TAG_META: tag} if tag else {})}
         with self._errors(key):
             self.client.upload_file(
                 str(local),
                 self.bucket,
                 name,
-                ExtraArgs={"Metadata": {SHA256_META: sha}},
+                ExtraArgs={"Metadata": metadata},
                 Config=self.transfer_config,
             )
         art = self._require(key)
         if art.sha256 != sha:
             raise ArtifactError("object changed while it was being uploaded", self.uri(key))
+        if move:
+            Path(local).unlink(missing_ok=True)
         return art
+
+    @contextlib.contextmanager
+    def scratch(self, key: str) -> Iterator[Path]:
+        check_key(key)
+        fd, tmp = tempfile.mkstemp(prefix=f"{_RESERVED}tmp-", suffix=f"-{key.rsplit('/', 1)[-1]}")
+        os.close(fd)
+        try:
+            yield Path(tmp)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def get_file(self, key: str, local: Path) -> Artifact:
         art = self._require(key)
@@ -477,6 +582,13 @@ class S3Store:
             if isinstance(cause, ClientError) and cause.response["Error"]["Code"] == "NoSuchKey":
                 return None
             raise
+
+    def delete(self, key: str) -> None:
+        with self._errors(key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._name(key))
+
+    def seal(self, keys: list[str]) -> None:
+        pass  # the sha256 and tag are the objects' own metadata
 
     def delete_prefix(self, prefix: str) -> None:
         keys = self.list(prefix)

@@ -198,19 +198,20 @@ def test_every_source_layout_gives_identical_bytes(megatron, tmp_path, layout):
 
 
 def test_resume_reuses_ranks_committed_by_a_killed_run(megatron, tmp_path):
-    """Ranks finished before a hard kill are reused; stale staging of other jobs is removed."""
+    """Ranks finished before a hard kill are reused; what a killed run of another job left is removed."""
     from tasks import steps
 
     source = megatron("llama").paths[LAYOUTS[1]]
     output = tmp_path / "out"
     spec = ConvertSpec(str(source), str(output), tp=2)
-    job = steps.inspect_source(spec)["job_id"]
-    steps.staging_dir(spec, job).mkdir(parents=True)
-    first = steps.convert_rank_step(spec, job, 0)  # what a run killed after rank 0 leaves behind
-    (output / ".porter-staging-otherjob").mkdir()
+    first = steps.convert_rank_step(spec, steps.inspect_source(spec)["tag"], 0)  # then killed
+    inode = (output / "rank0.safetensors").stat().st_ino
+    other = ConvertSpec(str(source), str(output), tp=2, dtype="bfloat16")  # another job, killed
+    steps.convert_rank_step(other, steps.inspect_source(other)["tag"], 1)
     summary = run_conversion(spec, workers=1)
-    assert summary.ranks[0] == first  # not converted again
-    assert summary.ranks[1]["pid"] == first["pid"] and summary.ranks[1] != first
+    assert summary.ranks[0]["reused"] and summary.ranks[0]["sha256"] == first["sha256"]
+    assert (output / "rank0.safetensors").stat().st_ino == inode  # not converted again
+    assert not summary.ranks[1]["reused"] and summary.ranks[1]["bytes_read"] > 0
     assert sorted(p.name for p in output.iterdir()) == [
         "config.json",
         "manifest.json",

@@ -1,14 +1,14 @@
 """The embedded executor: runs a conversion's steps on this machine, ranks in parallel processes (or in this
 process, one after another, with a single worker).
 
-No servers: inspect → convert ranks (process pool, one rank per task) → config → publish. Rank
-processes report progress through a queue; the parent draws one progress bar over bytes written.
-Nothing is published unless every rank succeeded; on failure the staging directory is removed.
+No servers: inspect → convert ranks (process pool, one rank per task) → config → publish, the same
+steps the Celery tasks run. Rank processes report progress through a queue; the parent draws one
+progress bar over bytes written. Nothing is published unless every rank succeeded; on failure the
+job's files are removed from OUTPUT.
 """
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import queue as queue_module
@@ -39,11 +39,11 @@ def _init_worker(progress_queue: Any, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_rank(spec_dict: dict, job: str, rank: int) -> dict[str, Any]:
+def _run_rank(spec_dict: dict, tag: str, rank: int) -> dict[str, Any]:
     def report(done: int, total: int) -> None:
         _progress_queue.put((rank, done, total))
 
-    return steps.convert_rank_step(ConvertSpec.from_dict(spec_dict), job, rank, report)
+    return steps.convert_rank_step(ConvertSpec.from_dict(spec_dict), tag, rank, report)
 
 
 @dataclass
@@ -95,32 +95,6 @@ class _ProgressDrain(threading.Thread):
             self.on_progress(sum(self.done_by_rank.values()), self.total)
 
 
-def _existing_result(spec: ConvertSpec, job: str) -> Summary | None:
-    """The summary of an identical job already published in OUTPUT; an error if OUTPUT holds other files."""
-    output = Path(spec.output)
-    if not output.exists():
-        return None
-    if not output.is_dir():
-        raise ConversionError("OUTPUT exists and is not a directory", output)
-    manifest = output / steps.MANIFEST
-    if manifest.is_file():
-        data = json.loads(manifest.read_text())
-        if data.get("job_id") == job:
-            written = sum(f["bytes"] for f in data["files"])
-            return Summary(job, str(output), 0, 0.0, 0, written, already_done=True)
-        raise ConversionError(
-            "OUTPUT already holds another conversion (manifest.json); choose an empty directory",
-            output,
-        )
-    leftovers = [p.name for p in output.iterdir() if not p.name.startswith(".porter-staging-")]
-    if leftovers:
-        raise ConversionError(
-            f"OUTPUT is not empty ({', '.join(sorted(leftovers)[:5])}); choose an empty directory",
-            output,
-        )
-    return None
-
-
 def run_conversion(
     spec: ConvertSpec,
     workers: int | None = None,
@@ -131,32 +105,30 @@ def run_conversion(
     settings = settings or Settings.from_env()
     started = time.perf_counter()
     inspected = steps.inspect_source(spec)
-    job = inspected["job_id"]
-    existing = _existing_result(spec, job)
-    if existing:
-        return existing
+    job, tag = inspected["job_id"], inspected["tag"]
     output = Path(spec.output)
-    created_output = not output.exists()
-    staging = steps.staging_dir(spec, job)
-    if output.is_dir():  # staging left by killed runs of other specs: OUTPUT holds one conversion
-        for stale in output.glob(".porter-staging-*"):
-            if stale != staging:
-                shutil.rmtree(stale, ignore_errors=True)
-    # A killed run of this very job left its finished ranks committed here: they are reused.
-    staging.mkdir(parents=True, exist_ok=True)
+    local_output = not spec.output.startswith("s3://")
+    if local_output and output.exists() and not output.is_dir():
+        raise ConversionError("OUTPUT exists and is not a directory", output)
+    created_output = local_output and not output.exists()
+    # A killed run of this very job left its finished ranks in OUTPUT: they are reused.
+    manifest = steps.prepare_output(spec, job)
+    if manifest is not None:
+        written = sum(f["bytes"] for f in manifest["files"])
+        return Summary(job, spec.output, 0, 0.0, 0, written, already_done=True)
     count = choose_workers(inspected, workers, settings)
     try:
-        results = _convert_ranks(spec, job, inspected, count, on_progress)
-        config = steps.write_config_step(spec, job, inspected)
+        results = _convert_ranks(spec, tag, inspected, count, on_progress)
+        config = steps.write_config_step(spec, tag, inspected)
         steps.publish_step(spec, job, inspected, [*results, config])
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created_output and output.is_dir() and not any(output.iterdir()):
-            output.rmdir()
+        steps.remove_outputs(spec, job)
+        if created_output:
+            _remove_if_only_porter_files(output)
         raise
     return Summary(
         job_id=job,
-        output=str(output),
+        output=spec.output,
         workers=count,
         seconds=time.perf_counter() - started,
         bytes_read=sum(r["bytes_read"] for r in results),
@@ -165,20 +137,26 @@ def run_conversion(
     )
 
 
+def _remove_if_only_porter_files(output: Path) -> None:
+    """Remove an OUTPUT directory this run created once nothing but Porter's own files remain."""
+    if output.is_dir() and all(p.name.startswith(".porter-") for p in output.iterdir()):
+        shutil.rmtree(output, ignore_errors=True)
+
+
 def _convert_ranks(
     spec: ConvertSpec,
-    job: str,
+    tag: str,
     inspected: dict,
     workers: int,
     on_progress: Callable[[int, int], None] | None,
 ) -> list[dict[str, Any]]:
     if workers == 1:
-        return _convert_ranks_here(spec, job, inspected, on_progress)
-    return _convert_ranks_in_pool(spec, job, inspected, workers, on_progress)
+        return _convert_ranks_here(spec, tag, inspected, on_progress)
+    return _convert_ranks_in_pool(spec, tag, inspected, workers, on_progress)
 
 
 def _convert_ranks_here(
-    spec: ConvertSpec, job: str, inspected: dict, on_progress: Callable[[int, int], None] | None
+    spec: ConvertSpec, tag: str, inspected: dict, on_progress: Callable[[int, int], None] | None
 ) -> list[dict[str, Any]]:
     """One worker: run the ranks one after another in this process (no start-up cost)."""
     total = sum(r["bytes_written"] for r in inspected["ranks"])
@@ -190,13 +168,13 @@ def _convert_ranks_here(
             if on_progress:
                 on_progress(finished + done, total)
 
-        results.append(steps.convert_rank_step(spec, job, rank, report))
+        results.append(steps.convert_rank_step(spec, tag, rank, report))
     return results
 
 
 def _convert_ranks_in_pool(
     spec: ConvertSpec,
-    job: str,
+    tag: str,
     inspected: dict,
     workers: int,
     on_progress: Callable[[int, int], None] | None,
@@ -217,7 +195,7 @@ def _convert_ranks_in_pool(
     )
     try:
         futures = [
-            pool.submit(_run_rank, spec.to_dict(), job, r) for r in range(len(inspected["ranks"]))
+            pool.submit(_run_rank, spec.to_dict(), tag, r) for r in range(len(inspected["ranks"]))
         ]
         finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f for f in finished if f.exception() is not None]

@@ -1,0 +1,186 @@
+"""`porter submit|status|jobs|cancel|retry|worker`: the queued-jobs half of the command line.
+
+Contract other tools rely on: `porter submit` prints the job id alone on the first line of stdout;
+`--wait` exits 0 only if the job succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from converters.errors import ConversionError
+
+
+def add_commands(
+    commands: Any, add_target_options: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    """Register the queue commands on the `porter` sub-command parser."""
+    submit = commands.add_parser("submit", help="queue a conversion for the workers (Redis)")
+    kinds = submit.add_subparsers(dest="kind", required=True)
+    megatron = kinds.add_parser("megatron-trtllm", help="Megatron-LM → TensorRT-LLM checkpoint")
+    megatron.add_argument("source", help="checkpoint: s3://bucket/prefix or a path the workers see")
+    megatron.add_argument(
+        "output", help="destination: s3://bucket/prefix or a path the workers see"
+    )
+    add_target_options(megatron)
+    megatron.add_argument(
+        "--engines", action="store_true", help="also build TensorRT-LLM engines (gpu workers)"
+    )
+    megatron.add_argument("--wait", action="store_true", help="block until the job ends")
+
+    status = commands.add_parser("status", help="state and per-step progress of a job")
+    status.add_argument("job")
+    status.add_argument("--json", action="store_true", help="the whole record as JSON")
+
+    jobs = commands.add_parser("jobs", help="recent jobs")
+    jobs.add_argument("--limit", type=int, default=20)
+
+    cancel = commands.add_parser("cancel", help="stop a job; nothing of it is published")
+    cancel.add_argument("job")
+
+    retry = commands.add_parser("retry", help="re-run the failed steps of a job")
+    retry.add_argument("job")
+    retry.add_argument("--wait", action="store_true", help="block until the job ends")
+
+    worker = commands.add_parser("worker", help="run a Celery worker with Porter's settings")
+    worker.add_argument("--queues", default="cpu", help="comma-separated: cpu, gpu (default cpu)")
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        help="task processes (default: cores); size by RAM ÷ `porter plan`'s per-rank peak",
+    )
+    worker.add_argument("--loglevel", default="INFO")
+
+
+def _time(ts: Any) -> str:
+    if not ts:
+        return "-"
+    return datetime.datetime.fromtimestamp(float(ts), datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _wait(records: Any, job: str) -> int:
+    from tqdm import tqdm
+
+    from tasks import service
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=job, file=sys.stderr)
+
+    def update(record: dict[str, Any]) -> None:
+        done, total = service.progress(record)
+        bar.total = total
+        bar.set_postfix_str(record["state"], refresh=False)
+        bar.update(done - bar.n)
+
+    try:
+        record = service.wait(records, job, update)
+    finally:
+        bar.close()
+    if record["state"] == "SUCCEEDED":
+        print(f"{job}: SUCCEEDED, manifest {record.get('manifest_uri')}", file=sys.stderr)
+        return 0
+    print(f"porter: error: job {job} {record['state']}: {record['error']}", file=sys.stderr)
+    return 1
+
+
+def submit(args: argparse.Namespace, spec: Any) -> int:
+    from tasks import service
+
+    records = service.connect()
+    job, created = service.submit(spec, records)
+    print(job, flush=True)
+    if not created:
+        state = records.state(job)
+        print(f"{job}: already submitted ({state}); nothing new queued", file=sys.stderr)
+    return _wait(records, job) if args.wait else 0
+
+
+def status(args: argparse.Namespace) -> int:
+    from tasks import service
+
+    record = service.get(service.connect(), args.job)
+    if args.json:
+        print(json.dumps(record, indent=2, sort_keys=True, default=str))
+        return 0
+    done, total = service.progress(record)
+    spec = record["spec"]
+    print(f"job {args.job}: {record['state']} (attempt {record.get('attempt', 0)})")
+    print(f"  {spec['source']} -> {spec['output']} TP={spec['tp']} PP={spec['pp']}")
+    print(f"  created {_time(record.get('created'))}, finished {_time(record.get('finished'))}")
+    if total:
+        print(f"  written {done}/{total} bytes ({done / total:.0%})")
+    if record.get("error"):
+        print(f"  error: {record['error']}")
+    if record.get("manifest_uri"):
+        print(f"  manifest: {record['manifest_uri']}")
+    print(f"  {'step':<12} {'state':<10} {'progress':>9} {'seconds':>8} {'deliv':>5}  detail")
+    for name, step in record["steps"].items():
+        shown = ""
+        if step.get("total"):
+            shown = f"{int(step.get('done', 0)) / int(step['total']):.0%}"
+        if step.get("state") == "SUCCEEDED":
+            shown = "100%"
+        seconds = f"{float(step['seconds']):.2f}" if step.get("seconds") else ""
+        detail = step.get("error") or (str(step.get("sha256", ""))[:16])
+        print(
+            f"  {name:<12} {step.get('state', ''):<10} {shown:>9} {seconds:>8} "
+            f"{step.get('deliveries', 0):>5}  {detail}"
+        )
+    return 0
+
+
+def jobs(args: argparse.Namespace) -> int:
+    from tasks import service
+
+    records = service.connect()
+    print(f"{'job':<32} {'state':<10} {'created (UTC)':<19}  output")
+    for job in records.job_ids(args.limit):
+        record = records.get(job, steps=False)
+        if record:
+            output = record["spec"].get("output", "")
+            print(f"{job:<32} {record['state']:<10} {_time(record.get('created')):<19}  {output}")
+    return 0
+
+
+def cancel(args: argparse.Namespace) -> int:
+    from tasks import service
+
+    result = service.cancel(service.connect(), args.job)
+    print(f"{args.job}: CANCELLED; removed {result['removed_files']} uncommitted file(s)")
+    return 0
+
+
+def retry(args: argparse.Namespace) -> int:
+    from tasks import service
+
+    records = service.connect()
+    attempt = service.retry(records, args.job)
+    print(f"{args.job}: queued again (attempt {attempt})", file=sys.stderr)
+    return _wait(records, args.job) if args.wait else 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = sorted(set(queues) - {"cpu", "gpu"})
+    if unknown or not queues:
+        raise ConversionError(f"--queues takes cpu and/or gpu, got {args.queues!r}")
+    argv = ["worker", f"--queues={','.join(queues)}", f"--loglevel={args.loglevel}"]
+    argv.append(f"--hostname=porter-{'-'.join(queues)}-{os.getpid()}@%h")
+    if args.concurrency is not None:
+        argv.append(f"--concurrency={args.concurrency}")
+    if "gpu" in queues:
+        from tasks.engines import engine_builder_problem
+
+        problem = engine_builder_problem()
+        if problem:
+            raise ConversionError(f"this machine cannot build engines: {problem}")
+        argv.append("--max-tasks-per-child=1")  # never reuse a process that initialised CUDA
+    from config.celery_app import app
+
+    app.worker_main(argv)
+    return 0

@@ -1,0 +1,254 @@
+"""The distributed executor: Celery tasks that run the steps of `tasks.steps` on shared workers.
+
+Canvas of a Megatron → TensorRT-LLM job (built by `plan`, which returns without waiting):
+
+    plan (inspect source, metadata only)
+      → chord(reshard rank r for every target rank, queue cpu)
+      → assemble (write config.json)
+      → [chord(build engine rank r, queue gpu)] → publish (manifest.json, last)
+
+Messages carry only the job id (and a rank); each task reads the spec and the inspected plan from
+the job record. Every task runs through `_run_step`, which records the step's state, progress,
+result and deliveries, ends the job FAILED with the first real error (so nothing depends on a
+chord body that never runs), and caps re-deliveries of a step whose worker keeps dying.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import chord
+from celery.exceptions import Ignore, Reject
+
+from config.celery_app import GPU_QUEUE, app
+from config.settings import Settings
+from converters.trtllm.convert import Progress
+from tasks import steps
+from tasks.jobs import ConvertSpec, output_tag
+from tasks.records import CANCELLED, FAILED, RUNNING, SUCCEEDED, TERMINAL, JobRecords
+
+log = logging.getLogger(__name__)
+
+
+class JobCancelled(Exception):
+    """Raised inside a running step when its job was cancelled."""
+
+
+@functools.cache
+def settings() -> Settings:
+    return Settings.from_env()
+
+
+@functools.cache
+def records() -> JobRecords:
+    """This process's connection to the job records (redis-py reconnects after a fork)."""
+    return JobRecords(settings().redis_url, ttl=settings().record_ttl)
+
+
+def task_id(job: str, attempt: int, step: str) -> str:
+    """Deterministic task ids: `{job}:{step}:{attempt}` (a retry gets new ones; revoked ids stay
+    revoked in the workers)."""
+    return f"{job}:{step}:{attempt}"
+
+
+def _spec(record: dict[str, Any]) -> ConvertSpec:
+    return ConvertSpec.from_dict(record["spec"])
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one step of `job` with its bookkeeping; returns the step's result."""
+    rec = records()
+    state = rec.state(job)
+    if state is None or state in TERMINAL:
+        log.info("%s: job is %s; %s skipped", job, state, step)
+        raise Ignore()
+    deliveries = rec.count_delivery(job, step)
+    if deliveries > settings().max_deliveries:
+        message = (
+            f"{step}: its worker died {deliveries - 1} times while running it (killed, or out "
+            "of memory?); giving up"
+        )
+        rec.step(job, step, state=FAILED, error=message, finished=time.time())
+        rec.finish(job, FAILED, message)
+        raise Reject(message, requeue=False)
+    started = time.time()
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    rec.step(job, step, state=RUNNING, started=started, worker=worker, error="")
+    try:
+        result = work()
+    except JobCancelled:
+        rec.step(job, step, quiet=True, state=CANCELLED, finished=time.time())
+        raise Ignore() from None
+    except Exception as exc:
+        message = _message(exc)
+        rec.step(job, step, quiet=True, state=FAILED, error=message, finished=time.time())
+        if rec.finish(job, FAILED, f"{step}: {message}"):
+            log.error("%s failed in %s: %s", job, step, message)
+        raise
+    finished = time.time()
+    fields = {k: v for k, v in result.items() if k not in ("state", "error")}
+    rec.step(job, step, state=SUCCEEDED, finished=finished, seconds=finished - started, **fields)
+    if rec.state(job) == CANCELLED:  # cancelled while this step ran: leave nothing behind
+        steps.remove_outputs(_spec(rec.get(job, steps=False)), job)
+        raise Ignore()
+    return result
+
+
+def _progress(job: str, step: str) -> Progress:
+    """Throttled, best-effort progress into the step record; raises JobCancelled on cancel."""
+    rec, interval = records(), settings().progress_interval
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] < interval and done < total:
+            return
+        last[0] = now
+        rec.step(job, step, quiet=True, done=done, total=total)
+        try:
+            cancelled = rec.state(job) == CANCELLED
+        except Exception:  # Redis restarting: keep converting
+            cancelled = False
+        if cancelled:
+            raise JobCancelled(job)
+
+    return report
+
+
+def _inspected(record: dict[str, Any]) -> dict[str, Any]:
+    return record["inspected"]
+
+
+@app.task(name="porter.plan")
+def plan(job: str) -> dict[str, Any]:
+    """Inspect the source (metadata only), check OUTPUT, and launch the job's canvas."""
+    rec = records()
+    record = rec.get(job, steps=False)
+    if record is None:
+        raise Ignore()
+    spec = _spec(record)
+    if record["state"] not in TERMINAL:
+        rec.start(job)
+    attempt = int(rec.get(job, steps=False)["attempt"])
+
+    def inspect() -> dict[str, Any]:
+        inspected = steps.inspect_source(spec)
+        # The source may have changed since submission (e.g. fixed before a retry): the job keeps
+        # its id, and its artifacts are tagged with the version actually read.
+        inspected["job_id"], inspected["tag"] = job, output_tag(job, inspected["source_digest"])
+        manifest = steps.prepare_output(spec, job)
+        rec.update(job, inspected=inspected, source_digest=inspected["source_digest"])
+        return {"committed": manifest is not None, "ranks": len(inspected["ranks"])}
+
+    result = _run_step(job, "inspect", inspect)
+    if result["committed"]:  # converted before (same id): nothing to do
+        rec.update(job, manifest_uri=_manifest_uri(spec))
+        rec.finish(job, SUCCEEDED)
+        return result
+    header = [
+        reshard.si(job, r).set(task_id=task_id(job, attempt, f"reshard:{r}"))
+        for r in range(result["ranks"])
+    ]
+    chord(header, assemble.si(job).set(task_id=task_id(job, attempt, "assemble"))).apply_async()
+    return result
+
+
+@app.task(name="porter.reshard")
+def reshard(job: str, rank: int) -> dict[str, Any]:
+    """Write target rank `rank` to OUTPUT."""
+    record = records().get(job, steps=False)
+    if record is None:
+        raise Ignore()
+    step = f"reshard:{rank}"
+    tag = _inspected(record)["tag"]
+    return _run_step(
+        job,
+        step,
+        lambda: steps.convert_rank_step(_spec(record), tag, rank, _progress(job, step)),
+    )
+
+
+@app.task(name="porter.assemble")
+def assemble(job: str) -> dict[str, Any]:
+    """Write config.json, then build engines (gpu queue) or publish."""
+    rec = records()
+    record = rec.get(job, steps=False)
+    if record is None:
+        raise Ignore()
+    spec, inspected = _spec(record), _inspected(record)
+    result = _run_step(
+        job, "config", lambda: steps.write_config_step(spec, inspected["tag"], inspected)
+    )
+    if not spec.engines:
+        return publish(job)
+    attempt = int(record["attempt"])
+    header = [
+        build_engine.si(job, r).set(task_id=task_id(job, attempt, f"engine:{r}"), queue=GPU_QUEUE)
+        for r in range(len(inspected["ranks"]))
+    ]
+    chord(header, publish.si(job).set(task_id=task_id(job, attempt, "publish"))).apply_async()
+    return result
+
+
+@app.task(name="porter.build_engine")
+def build_engine(job: str, rank: int) -> dict[str, Any]:
+    """Build the TensorRT-LLM engine of one rank (only on workers with TensorRT-LLM and a GPU)."""
+    from tasks.engines import build_engine_step
+
+    record = records().get(job, steps=False)
+    if record is None:
+        raise Ignore()
+    spec, inspected = _spec(record), _inspected(record)
+    world = len(inspected["ranks"])
+    return _run_step(
+        job,
+        f"engine:{rank}",
+        lambda: build_engine_step(spec.output, job, rank, world, inspected["tag"]),
+    )
+
+
+def _manifest_uri(spec: ConvertSpec) -> str:
+    from tasks.store import open_store
+
+    return open_store(spec.output).uri(steps.MANIFEST)
+
+
+def _published_files(job: str, world: int, engines: bool) -> list[dict[str, Any]]:
+    """The files to list in the manifest, from the step records (ranks, config, engines)."""
+    by_step = dict(records().steps(job))
+    files = [by_step[f"reshard:{r}"] for r in range(world)] + [by_step["config"]]
+    if engines:
+        for r in range(world):
+            files.extend(by_step[f"engine:{r}"]["files"])
+    return files
+
+
+@app.task(name="porter.publish")
+def publish(job: str) -> dict[str, Any]:
+    """Commit the job: check every file, write manifest.json last, mark the job SUCCEEDED."""
+    rec = records()
+    record = rec.get(job, steps=False)
+    if record is None:
+        raise Ignore()
+    spec, inspected = _spec(record), _inspected(record)
+
+    def commit() -> dict[str, Any]:
+        files = _published_files(job, len(inspected["ranks"]), spec.engines)
+        manifest = steps.publish_step(spec, job, inspected, files)
+        return {"files": len(manifest["files"]), "manifest_uri": _manifest_uri(spec)}
+
+    result = _run_step(job, "publish", commit)
+    rec.update(job, manifest_uri=result["manifest_uri"])
+    rec.finish(job, SUCCEEDED)
+    return result

@@ -1,0 +1,170 @@
+"""Job records in Redis: state, per-step state and progress, bytes, timings, deliveries, error.
+
+Keys (prefix `porter:`):
+- `job:{id}` (hash): id, kind, state, spec (JSON), output, created/started/finished (unix s),
+  error, attempt, source_digest, manifest_uri, engines.
+- `job:{id}:steps` (sorted set): step names in the order they were first seen.
+- `job:{id}:step:{name}` (hash): state, done, total, started, finished, seconds, deliveries,
+  worker, error and the step's result fields (bytes_read, bytes_written, sha256, ...).
+- `jobs` (sorted set): job ids by creation time.
+
+Writes that only report progress are best-effort (`quiet=True`): a Redis restart must not fail a
+step that is otherwise fine (pipeline spec).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+log = logging.getLogger(__name__)
+
+PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    "PENDING",
+    "RUNNING",
+    "SUCCEEDED",
+    "FAILED",
+    "CANCELLED",
+)
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+_PREFIX = "porter:"
+
+# Set state to ARGV[1] (with error ARGV[2], finished ARGV[3]) only while the job is not terminal:
+# the first failure wins, and a cancelled job never turns FAILED or SUCCEEDED.
+_FINISH = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'SUCCEEDED' or state == 'FAILED' or state == 'CANCELLED' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'error', ARGV[2], 'finished', ARGV[3])
+return 1
+"""
+
+
+def _decode(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except (json.JSONDecodeError, TypeError):
+        return value
+
+
+class JobRecords:
+    """Read and write job records in one Redis database."""
+
+    def __init__(self, url: str, *, ttl: int = 30 * 24 * 3600) -> None:
+        self.redis = redis.Redis.from_url(url, decode_responses=True, health_check_interval=10)
+        self.ttl = ttl
+        self._finish = self.redis.register_script(_FINISH)
+
+    @staticmethod
+    def _job(job: str) -> str:
+        return f"{_PREFIX}job:{job}"
+
+    def _step(self, job: str, step: str) -> str:
+        return f"{self._job(job)}:step:{step}"
+
+    def create(self, job: str, kind: str, spec: dict[str, Any], **fields: Any) -> bool:
+        """Create the record of `job` unless it exists; True if this call created it."""
+        key = self._job(job)
+        if not self.redis.hsetnx(key, "id", job):
+            return False
+        now = time.time()
+        self.redis.hset(
+            key,
+            mapping={
+                "kind": kind,
+                "state": PENDING,
+                "spec": json.dumps(spec),
+                "created": now,
+                "attempt": 0,
+                "error": "",
+                **{k: json.dumps(v) for k, v in fields.items()},
+            },
+        )
+        self.redis.zadd(f"{_PREFIX}jobs", {job: now})
+        return True
+
+    def update(self, job: str, **fields: Any) -> None:
+        """Set fields of the job record (values stored as JSON)."""
+        self.redis.hset(self._job(job), mapping={k: json.dumps(v) for k, v in fields.items()})
+
+    def get(self, job: str, *, steps: bool = True) -> dict[str, Any] | None:
+        """The job record with its steps (in order), or None if there is none."""
+        raw = self.redis.hgetall(self._job(job))
+        if not raw:
+            return None
+        record = {k: _decode(v) for k, v in raw.items()}
+        record["state"], record["error"] = raw.get("state"), raw.get("error", "")
+        if steps:
+            record["steps"] = dict(self.steps(job))
+        return record
+
+    def state(self, job: str) -> str | None:
+        """The job's state, or None if there is no record."""
+        return self.redis.hget(self._job(job), "state")
+
+    def steps(self, job: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(name, fields) of every step of the job, in the order they were first seen."""
+        names = self.redis.zrange(f"{self._job(job)}:steps", 0, -1)
+        pipe = self.redis.pipeline()
+        for name in names:
+            pipe.hgetall(self._step(job, name))
+        for name, raw in zip(names, pipe.execute(), strict=True):
+            fields = {k: _decode(v) for k, v in raw.items()}
+            if "error" in raw:
+                fields["error"] = raw["error"]
+            yield name, fields
+
+    def job_ids(self, limit: int = 50) -> list[str]:
+        """The most recent job ids, newest first."""
+        return self.redis.zrevrange(f"{_PREFIX}jobs", 0, limit - 1)
+
+    def start(self, job: str) -> None:
+        """Mark the job RUNNING (from PENDING, or again on retry) and count the attempt."""
+        key = self._job(job)
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping={"state": RUNNING, "error": "", "started": time.time()})
+        pipe.hdel(key, "finished")
+        pipe.hincrby(key, "attempt", 1)
+        pipe.execute()
+
+    def finish(self, job: str, state: str, error: str = "") -> bool:
+        """End the job in `state` unless it already ended; True if this call ended it."""
+        done = bool(self._finish(keys=[self._job(job)], args=[state, error, time.time()]))
+        if done and self.ttl:
+            self.redis.expire(self._job(job), self.ttl)
+        return done
+
+    def force_state(self, job: str, state: str, error: str = "") -> None:
+        """Set the state whatever it was (cancel, retry)."""
+        self.redis.hset(self._job(job), mapping={"state": state, "error": error})
+
+    def step(self, job: str, step: str, *, quiet: bool = False, **fields: Any) -> None:
+        """Record fields of a step (creating it); with `quiet`, Redis errors are logged, not raised."""
+        try:
+            pipe = self.redis.pipeline()
+            pipe.zadd(f"{self._job(job)}:steps", {step: time.time()}, nx=True)
+            values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
+            pipe.hset(self._step(job, step), mapping=values)
+            pipe.execute()
+        except redis.RedisError as exc:
+            if not quiet:
+                raise
+            log.warning("could not record progress of %s/%s: %s", job, step, exc)
+
+    def count_delivery(self, job: str, step: str) -> int:
+        """Count one more delivery of a step; returns the count."""
+        self.redis.zadd(f"{self._job(job)}:steps", {step: time.time()}, nx=True)
+        return int(self.redis.hincrby(self._step(job, step), "deliveries", 1))
+
+    def reset_steps(self, job: str, names: list[str]) -> None:
+        """Forget the delivery counts and errors of steps that are going to run again."""
+        pipe = self.redis.pipeline()
+        for name in names:
+            pipe.hdel(self._step(job, name), "deliveries", "error")
+        pipe.execute()

@@ -1,0 +1,170 @@
+"""Real servers for the distributed tests: a redis-server on loopback (AOF on) and Porter worker
+processes (`porter worker`, real Celery prefork workers) pointed at it and at moto's S3 server.
+
+Import the fixtures into a test module: ``from tests.cluster import cluster, redis_url  # noqa``
+(with ``from tests.s3_server import moto_s3, s3_env``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+
+from tests.s3_server import ACCESS_KEY, REGION, SECRET_KEY
+
+PORTER = str(Path(sys.executable).with_name("porter"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server (AOF on, loopback only) for this test session (per xdist worker)."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is not installed (tests/run.sh installs it)")
+    data = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    options = ["--appendonly", "yes", "--save", "", "--maxmemory-policy", "noeviction"]
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), *options],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+
+    def ready() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    _wait_until(ready, 10, "redis-server")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def worker_env(redis_url: str, s3_endpoint: str, cache: Path) -> dict[str, str]:
+    """The environment of a worker (and of the submitting CLI) in these tests."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PORTER_"))}
+    env.update(
+        PORTER_REDIS_URL=redis_url,
+        PORTER_UNACKED_RESTORE_INTERVAL="1",
+        PORTER_UNACKED_RESTORE_THROTTLE="1",
+        PORTER_PROGRESS_INTERVAL="0.05",
+        PORTER_CACHE_DIR=str(cache),
+        AWS_ENDPOINT_URL_S3=s3_endpoint,
+        AWS_ACCESS_KEY_ID=ACCESS_KEY,
+        AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+        AWS_DEFAULT_REGION=REGION,
+        AWS_CONFIG_FILE=str(cache / "no-aws-config"),
+        AWS_SHARED_CREDENTIALS_FILE=str(cache / "no-aws-credentials"),
+        NO_PROXY="127.0.0.1,localhost",
+    )
+    return env
+
+
+@dataclass
+class Cluster:
+    """Redis, S3 and running worker processes; `env` is what a client process needs."""
+
+    redis_url: str
+    env: dict[str, str]
+    logs: Path
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+    def start_worker(self, queues: str = "cpu", concurrency: int = 1) -> subprocess.Popen:
+        log = open(self.logs / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [PORTER, "worker", "--queues", queues, "--concurrency", str(concurrency)],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.workers.append(proc)
+        return proc
+
+    def wait_for_workers(self, count: int, timeout: float = 60) -> None:
+        from celery import Celery
+
+        app = Celery(broker=self.redis_url)
+
+        def ready() -> bool:
+            replies = app.control.ping(timeout=0.5) or []
+            return len(replies) >= count
+
+        _wait_until(ready, timeout, f"{count} worker(s) to answer")
+
+    def signal_workers(self, sig: int) -> None:
+        """Send `sig` to every worker process and its pool children."""
+        for proc in self.workers:
+            for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(True)]:
+                p.send_signal(sig)
+
+    def porter(self, *args: str, timeout: float = 120, check: bool = False):
+        """Run the `porter` CLI as a client of this cluster."""
+        return subprocess.run(
+            [PORTER, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+        )
+
+    def stop(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGCONT)
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.workers:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def cluster(redis_url: str, moto_s3: str, tmp_path_factory: pytest.TempPathFactory):
+    """Two real `porter worker` processes (queue cpu, one task each) on Redis and moto's S3."""
+    base = tmp_path_factory.mktemp("cluster")
+    (base / "logs").mkdir()
+    (base / "cache").mkdir()
+    c = Cluster(redis_url, worker_env(redis_url, moto_s3, base / "cache"), base / "logs")
+    c.start_worker()
+    c.start_worker()
+    try:
+        c.wait_for_workers(2)
+    except TimeoutError:
+        c.stop()
+        logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in c.logs.iterdir())
+        pytest.fail(f"workers did not start:\n{logs}")
+    yield c
+    c.stop()

@@ -1,0 +1,216 @@
+"""Conversions as queued jobs: real redis-server, real `porter worker` processes, S3 over HTTP."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.executors.local import run_conversion
+from tasks.jobs import ConvertSpec
+from tasks.megatron_example import Layout
+from tasks.records import JobRecords
+from tasks.store import open_store
+from tests.cluster import cluster, redis_url  # noqa: F401
+from tests.s3_server import moto_s3, s3_env  # noqa: F401
+
+LEGACY_TP2 = Layout("legacy", 2, 1)
+
+
+def upload(local: Path, uri: str) -> None:
+    store = open_store(uri)
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        store.put_file(path, path.relative_to(local).as_posix())
+
+
+def download(uri: str, local: Path) -> dict[str, bytes]:
+    store = open_store(uri)
+    return {key: store.get_file(key, local / key).read_bytes() for key in store.list()}
+
+
+def reference(source: Path, tmp_path: Path, tp: int) -> dict[str, bytes]:
+    """What `porter convert` (the local executor) writes for the same checkpoint."""
+    out = tmp_path / f"reference-tp{tp}"
+    run_conversion(ConvertSpec(str(source), str(out), tp=tp), workers=1)
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.name != "manifest.json"}
+
+
+def submit(cluster, source: str, output: str, *extra: str) -> str:  # noqa: F811
+    result = cluster.porter("submit", "megatron-trtllm", source, output, *extra)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()[0]
+
+
+def wait_state(records: JobRecords, job: str, states: tuple[str, ...], timeout: float = 90) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = records.get(job)
+        if record and record["state"] in states:
+            return record
+        time.sleep(0.05)
+    raise AssertionError(f"job {job} did not reach {states}: {records.get(job)}")
+
+
+def test_tp2_to_tp4_s3_to_s3_matches_porter_convert(cluster, s3_env, megatron, tmp_path):  # noqa: F811
+    source = megatron("llama").paths[LEGACY_TP2]
+    upload(source, f"s3://{s3_env}/ckpt")
+    result = cluster.porter(
+        "submit", "megatron-trtllm", f"s3://{s3_env}/ckpt", f"s3://{s3_env}/out", "--tp", "4",
+        "--wait",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.splitlines()[0]
+    assert job.startswith("megatron-trtllm-") and len(result.stdout.splitlines()) == 1
+
+    got = download(f"s3://{s3_env}/out", tmp_path / "got")
+    manifest = json.loads(got.pop("manifest.json"))
+    assert got == reference(source, tmp_path, 4)  # byte-identical to `porter convert`
+    assert manifest["job_id"] == job
+    listed = {f["path"]: f for f in manifest["files"]}
+    assert set(listed) == set(got) == {f"rank{r}.safetensors" for r in range(4)} | {"config.json"}
+    import hashlib
+
+    for name, data in got.items():
+        assert listed[name]["sha256"] == hashlib.sha256(data).hexdigest()
+        assert listed[name]["bytes"] == len(data)
+
+    records = JobRecords(cluster.redis_url)
+    record = records.get(job)
+    assert record["state"] == "SUCCEEDED" and record["manifest_uri"].endswith("out/manifest.json")
+    ranks = [record["steps"][f"reshard:{r}"] for r in range(4)]
+    assert all(s["state"] == "SUCCEEDED" and s["deliveries"] == 1 for s in ranks)
+    workers = {s["worker"] for s in ranks}
+    assert len(workers) == 2, workers  # both workers took ranks
+    # Each rank fetched its share of the weights, not the whole checkpoint (optimizer state too).
+    object_bytes = sum(open_store(f"s3://{s3_env}/ckpt").stat(k).bytes for k in
+                       open_store(f"s3://{s3_env}/ckpt").list())  # fmt: skip
+    assert all(0 < s["bytes_fetched"] < object_bytes / 2 for s in ranks)
+
+    status = cluster.porter("status", job, "--json")
+    assert json.loads(status.stdout)["state"] == "SUCCEEDED"
+    assert job in cluster.porter("jobs").stdout
+
+
+def test_same_job_submitted_twice_concurrently_converts_once(cluster, s3_env, megatron):  # noqa: F811
+    upload(megatron("gpt").paths[LEGACY_TP2], f"s3://{s3_env}/ckpt")
+    args = ("submit", "megatron-trtllm", f"s3://{s3_env}/ckpt", f"s3://{s3_env}/out", "--tp", "2")
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: cluster.porter(*args), range(3)))
+    ids = {r.stdout.splitlines()[0] for r in results}
+    assert len(ids) == 1, [r.stdout for r in results]
+    assert sum("already submitted" in r.stderr for r in results) == 2
+    job = ids.pop()
+    records = JobRecords(cluster.redis_url)
+    wait_state(records, job, ("SUCCEEDED",))
+    again = cluster.porter(*args)  # after it finished: same id, nothing queued
+    assert again.stdout.splitlines()[0] == job and "already submitted" in again.stderr
+    record = records.get(job)
+    assert record["attempt"] == 1
+    assert [record["steps"][f"reshard:{r}"]["deliveries"] for r in range(2)] == [1, 1]
+    assert records.job_ids().count(job) == 1
+
+
+def _break_shard(checkpoint: Path, tmp_path: Path) -> Path:
+    """A copy of a TP=2 checkpoint whose second shard has a truncated MLP weight."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    [path] = broken.glob("*/mp_rank_01/model_optim_rng.pt")
+    payload = torch.load(path, weights_only=False)
+    key = next(k for k in payload["model"] if k.endswith("mlp.linear_fc1.weight"))
+    payload["model"][key] = payload["model"][key][:-2].clone()
+    torch.save(payload, path)
+    return broken
+
+
+def test_failing_rank_fails_the_job_and_retry_completes_it(cluster, s3_env, megatron, tmp_path):  # noqa: F811
+    good = megatron("llama").paths[LEGACY_TP2]
+    upload(_break_shard(good, tmp_path), f"s3://{s3_env}/ckpt")
+    job = submit(cluster, f"s3://{s3_env}/ckpt", f"s3://{s3_env}/out", "--tp", "4")
+    records = JobRecords(cluster.redis_url)
+    record = wait_state(records, job, ("FAILED", "SUCCEEDED"))
+    assert record["state"] == "FAILED"
+    # The rank's own message: which file, what is wrong with it.
+    assert record["error"].startswith("reshard:")
+    assert "mp_rank_01" in record["error"] and "shape" in record["error"], record["error"]
+    failed = [n for n, s in record["steps"].items() if s["state"] == "FAILED"]
+    assert failed and all(n in ("reshard:2", "reshard:3") for n in failed)
+    assert open_store(f"s3://{s3_env}/out").stat("manifest.json") is None
+    status = cluster.porter("status", job)
+    assert "FAILED" in status.stdout and "mp_rank_01" in status.stdout
+
+    upload(good, f"s3://{s3_env}/ckpt")  # fix the source
+    result = cluster.porter("retry", job, "--wait")
+    assert result.returncode == 0, result.stderr
+    record = records.get(job)
+    assert record["state"] == "SUCCEEDED" and record["attempt"] == 2
+    got = download(f"s3://{s3_env}/out", tmp_path / "got")
+    manifest = json.loads(got.pop("manifest.json"))
+    assert manifest["job_id"] == job
+    assert got == reference(good, tmp_path, 4)
+
+
+def test_tp1_single_rank_job(cluster, s3_env, megatron, tmp_path):  # noqa: F811
+    source = megatron("gpt").paths[Layout("legacy", 1, 2)]
+    upload(source, f"s3://{s3_env}/ckpt")
+    result = cluster.porter(
+        "submit", "megatron-trtllm", f"s3://{s3_env}/ckpt", f"s3://{s3_env}/out", "--tp", "1",
+        "--wait",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    got = download(f"s3://{s3_env}/out", tmp_path / "got")
+    assert set(got) == {"rank0.safetensors", "config.json", "manifest.json"}
+    got.pop("manifest.json")
+    assert got == reference(source, tmp_path, 1)
+
+
+def test_submit_of_a_bad_source_fails_clearly(cluster, s3_env):  # noqa: F811
+    result = cluster.porter(
+        "submit",
+        "megatron-trtllm",
+        f"s3://{s3_env}/nothing-here",
+        f"s3://{s3_env}/out",
+        "--tp",
+        "2",
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    assert f"s3://{s3_env}/nothing-here" in result.stderr
+
+
+def test_cancel_mid_job_stops_the_ranks_and_publishes_nothing(cluster, s3_env, megatron, tmp_path):  # noqa: F811
+    upload(megatron("llama").paths[LEGACY_TP2], f"s3://{s3_env}/ckpt")
+    records = JobRecords(cluster.redis_url)
+    job = submit(cluster, f"s3://{s3_env}/ckpt", f"s3://{s3_env}/out", "--tp", "8")
+    # Freeze the workers as soon as the first rank starts, so the job is caught mid-way.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        steps = dict(records.steps(job))
+        if any(n.startswith("reshard:") for n in steps):
+            break
+        time.sleep(0.002)
+    cluster.signal_workers(signal.SIGSTOP)
+    try:
+        before = dict(records.steps(job))
+        result = cluster.porter("cancel", job)
+    finally:
+        cluster.signal_workers(signal.SIGCONT)
+    assert result.returncode == 0, result.stderr
+    done_before = [
+        n for n, s in before.items() if n.startswith("reshard:") and s["state"] == "SUCCEEDED"
+    ]
+    if len(done_before) == 8:
+        pytest.skip("the job finished before the workers could be frozen")
+    time.sleep(2)  # let the workers notice: queued ranks are revoked, running ones stop
+    record = records.get(job)
+    assert record["state"] == "CANCELLED"
+    ran = [n for n, s in record["steps"].items() if n.startswith("reshard:")]
+    assert len(ran) < 8  # not every rank ran
+    out = open_store(f"s3://{s3_env}/out")
+    assert out.list() == []  # nothing published, nothing left behind
+    assert cluster.porter("cancel", job).returncode == 1  # already ended

@@ -84,9 +84,13 @@ def _run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[s
         raise Reject(message, requeue=False)
     started = time.time()
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    rec.step(job, step, state=RUNNING, started=started, worker=worker, error="")
     try:
+        rec.step(job, step, state=RUNNING, started=started, worker=worker, error="")
         result = work()
+        finished = time.time()
+        fields = {k: v for k, v in result.items() if k not in ("state", "error")}
+        fields = {"seconds": finished - started, **fields}
+        rec.step(job, step, state=SUCCEEDED, finished=finished, **fields)
     except JobCancelled:
         rec.step(job, step, quiet=True, state=CANCELLED, finished=time.time())
         raise Ignore() from None
@@ -96,9 +100,6 @@ def _run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[s
         if rec.finish(job, FAILED, f"{step}: {message}"):
             log.error("%s failed in %s: %s", job, step, message)
         raise
-    finished = time.time()
-    fields = {k: v for k, v in result.items() if k not in ("state", "error")}
-    rec.step(job, step, state=SUCCEEDED, finished=finished, seconds=finished - started, **fields)
     if rec.state(job) == CANCELLED:  # cancelled while this step ran: leave nothing behind
         steps.remove_outputs(_spec(rec.get(job, steps=False)), job)
         raise Ignore()

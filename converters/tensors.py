@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+
+# (file, offset, length): a byte range of a local file that `materialize()` reads.
+FileRange = tuple[Path, int, int]
 
 
 class LazyTensor(ABC):
@@ -37,6 +41,14 @@ class LazyTensor(ABC):
     def nbytes(self) -> int:
         """Size of the materialized tensor in bytes."""
         return _numel(self.shape) * self.dtype.itemsize
+
+    def file_ranges(self) -> list[FileRange]:
+        """Every byte range of local files that `materialize()` reads (no data is read).
+
+        Lets a caller make those bytes present first (e.g. fetch them into a sparse local copy).
+        A subclass that cannot tell raises rather than claim it reads nothing.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not report the file bytes it reads")
 
     def index0(self, index: int) -> LazyTensor:
         """Entry `index` of the leading dimension, with that dimension removed."""
@@ -73,6 +85,9 @@ class Eager(LazyTensor):
     def materialize(self) -> torch.Tensor:
         return self.tensor
 
+    def file_ranges(self) -> list[FileRange]:
+        return []  # already addressable: nothing for a caller to fetch
+
     @property
     def source_nbytes(self) -> int:
         return self.nbytes
@@ -93,6 +108,9 @@ class Zeros(LazyTensor):
 
     def materialize(self) -> torch.Tensor:
         return torch.zeros(self.shape, dtype=self.dtype)
+
+    def file_ranges(self) -> list[FileRange]:
+        return []
 
     @property
     def source_nbytes(self) -> int:
@@ -137,6 +155,9 @@ class Concat(LazyTensor):
     def materialize(self) -> torch.Tensor:
         return torch.cat([p.materialize() for p in self.parts], dim=self.dim)
 
+    def file_ranges(self) -> list[FileRange]:
+        return [r for part in self.parts for r in part.file_ranges()]
+
     @property
     def source_nbytes(self) -> int:
         return sum(p.source_nbytes for p in self.parts)
@@ -167,6 +188,9 @@ class _Squeeze0(LazyTensor):
 
     def materialize(self) -> torch.Tensor:
         return self.inner.materialize()[0]
+
+    def file_ranges(self) -> list[FileRange]:
+        return self.inner.file_ranges()
 
     @property
     def source_nbytes(self) -> int:

@@ -31,7 +31,7 @@ import torch
 
 from converters.errors import CorruptCheckpoint, NotAMegatronCheckpoint, UnsafeCheckpoint
 from converters.megatron.safe_load import MegatronStub, load_pt
-from converters.tensors import LazyTensor
+from converters.tensors import FileRange, LazyTensor
 
 __all__ = ["DistCheckpoint", "DistRegion", "read_dist_metadata"]
 
@@ -179,6 +179,10 @@ class DistRegion(LazyTensor):
     @property
     def source_nbytes(self) -> int:
         return sum(c.length for c in self.chunks)
+
+    def file_ranges(self) -> list[FileRange]:
+        """The stored bytes of every chunk overlapping the region (each chunk is read whole)."""
+        return [(c.file, c.offset, c.length) for c in self.chunks]
 
     def materialize(self) -> torch.Tensor:
         out = torch.empty(self.shape, dtype=self.dtype)

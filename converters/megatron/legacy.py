@@ -8,6 +8,8 @@ never the optimizer state stored in the same files).
 from __future__ import annotations
 
 import re
+import struct
+import zipfile
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,87 @@ from converters.megatron import names
 from converters.megatron.args import model_config_from_args, parallel_sizes
 from converters.megatron.safe_load import load_pt
 from converters.model import ModelConfig
-from converters.tensors import Concat, LazyTensor, concat
+from converters.tensors import Concat, FileRange, LazyTensor, concat
 
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 _MODEL_FILES = ("model_optim_rng.pt", "model_rng.pt")
+_STORAGE_RECORD = re.compile(r"(?:^|/)data/[^/]+$")  # torch.save: "<archive>/data/<storage key>"
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # zip local file header: signature ... name/extra lengths
+
+
+def is_rank_model_file(relative: str) -> bool:
+    """Whether `relative` ("mp_rank_00_001/model_optim_rng.pt") names a rank's model file."""
+    folder, _, name = relative.rpartition("/")
+    return bool(_RANK_DIR.match(folder)) and name in _MODEL_FILES
+
+
+def is_storage_record(name: str) -> bool:
+    """Whether a torch.save zip record holds a storage's bytes (rather than the pickle or tags)."""
+    return bool(_STORAGE_RECORD.search(name))
+
+
+def zip_records(path: Path) -> dict[str, tuple[int, int]]:
+    """{record name: (data offset, stored length)} of a zip file.
+
+    Reads only the central directory and each record's 30-byte local header.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+            records = {}
+            for info in archive.infolist():
+                f.seek(info.header_offset)
+                header = f.read(_LOCAL_HEADER.size)
+                if len(header) != _LOCAL_HEADER.size:
+                    raise CorruptCheckpoint(f"zip record {info.filename} is truncated", path)
+                magic, name_len, extra_len = _LOCAL_HEADER.unpack(header)
+                if magic != b"PK\x03\x04":
+                    raise CorruptCheckpoint(f"zip record {info.filename} has a bad header", path)
+                start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+                records[info.filename] = (start, info.compress_size)
+            return records
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CorruptCheckpoint(f"cannot read the zip directory: {exc}", path) from exc
+
+
+def _storage_offsets(path: Path, state: dict[str, Any]) -> dict[int, int] | None:
+    """{storage data_ptr: file offset} for the tensors of a state dict loaded with mmap=True.
+
+    All storages of such a file are slices of one mapping of the whole file, so each data_ptr is
+    base + record offset for one base. That base is the one that maps every storage onto a storage
+    record of exactly its size; None when no single base does (the caller then assumes the file).
+    """
+    sizes: dict[int, int] = {}
+    for value in state.values():
+        if isinstance(value, torch.Tensor) and value.untyped_storage().nbytes():
+            storage = value.untyped_storage()
+            sizes[storage.data_ptr()] = storage.nbytes()
+    if not sizes:
+        return {}
+    records = {
+        start: length
+        for name, (start, length) in zip_records(path).items()
+        if is_storage_record(name)
+    }
+    anchor = min(sizes)
+    bases = [
+        anchor - start
+        for start in records
+        if all(records.get(ptr - (anchor - start)) == n for ptr, n in sizes.items())
+    ]
+    if len(bases) != 1:
+        return None
+    return {ptr: ptr - bases[0] for ptr in sizes}
+
+
+def _byte_span(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """[start, end) bytes of its storage that a (strided) tensor view covers; None if empty."""
+    if tensor.numel() == 0:
+        return None
+    first = tensor.storage_offset()
+    last = first + sum(
+        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+    return first * tensor.element_size(), (last + 1) * tensor.element_size()
 
 
 def find_rank_dirs(iter_dir: Path) -> dict[tuple[int, int], Path]:
@@ -42,6 +121,7 @@ class _ShardFiles:
         self.dirs = dirs
         self._models: dict[tuple[int, int], tuple[Path, dict[str, Any]]] = {}
         self._payloads: dict[tuple[int, int], dict[str, Any]] = {}
+        self._offsets: dict[tuple[int, int], dict[int, int] | None] = {}
 
     def path(self, rank: tuple[int, int]) -> Path:
         folder = self.dirs[rank]
@@ -80,6 +160,13 @@ class _ShardFiles:
                 raise UnsupportedModel(f"unknown parameter names: {', '.join(unknown)}", path)
             self._models[rank] = (path, state)
         return self._models[rank]
+
+    def storage_offsets(self, rank: tuple[int, int]) -> dict[int, int] | None:
+        """{storage data_ptr: offset in the rank file} of the model tensors; None if unknown."""
+        if rank not in self._offsets:
+            path, state = self.model(rank)
+            self._offsets[rank] = _storage_offsets(path, state)
+        return self._offsets[rank]
 
 
 def _canonical_local(key: str) -> str | None:
@@ -121,7 +208,8 @@ class _ShardTensor(LazyTensor):
             (*self.region, (dim, start, length)),
         )
 
-    def materialize(self) -> torch.Tensor:
+    def _stored(self) -> tuple[Path, torch.Tensor]:
+        """(rank file, the stored, memory-mapped tensor), checked against the expected shape."""
         path, state = self.files.model(self.rank)
         key = next((k for k in self.keys if k in state), None)
         if key is None:
@@ -135,11 +223,34 @@ class _ShardTensor(LazyTensor):
                 "(shards disagree with each other or with `args`)",
                 path,
             )
-        if tensor.dtype != self.dtype:
-            tensor = tensor.to(self.dtype)
+        return path, tensor
+
+    def _narrowed(self, tensor: torch.Tensor) -> torch.Tensor:
         for dim, start, length in self.region:
             tensor = tensor.narrow(dim, start, length)
         return tensor
+
+    def materialize(self) -> torch.Tensor:
+        _, tensor = self._stored()
+        if tensor.dtype != self.dtype:
+            tensor = tensor.to(self.dtype)
+        return self._narrowed(tensor)
+
+    def file_ranges(self) -> list[FileRange]:
+        """The bytes of the backing storage that the region covers (all of it if a cast reads
+        the whole tensor); the whole file when storages cannot be located in it."""
+        path, tensor = self._stored()
+        offsets = self.files.storage_offsets(self.rank)
+        storage = tensor.untyped_storage()
+        if not storage.nbytes():
+            return []
+        if offsets is None or storage.data_ptr() not in offsets:
+            return [(path, 0, path.stat().st_size)]
+        span = _byte_span(tensor if tensor.dtype != self.dtype else self._narrowed(tensor))
+        if span is None:
+            return []
+        start, end = span
+        return [(path, offsets[storage.data_ptr()] + start, end - start)]
 
     @property
     def source_nbytes(self) -> int:

@@ -38,6 +38,10 @@ class Settings:
     record_ttl: int = 30 * 24 * HOUR
     # A step delivered more often than this (its worker died each time) fails the job.
     max_deliveries: int = 3
+    # Local cache of s3:// sources (sparse mirrors keyed by ETag); "" = ~/.cache/porter/sources.
+    cache_dir: str = ""
+    # Missing byte ranges of a source object closer than this are fetched with one GET.
+    fetch_coalesce_bytes: int = 2**20
     # Seconds between progress writes of a running step.
     progress_interval: float = 0.5
 

@@ -70,10 +70,16 @@ def output_tag(job: str, identity_digest: str) -> str:
     return f"{job}.{identity_digest}"
 
 
-_TAG = re.compile(r"^(?P<job>[a-z][a-z-]*-[0-9a-f]{16})\.[0-9a-f]{16}$")
+_TAG = re.compile(r"^(?P<job>[a-z][a-z-]*-[0-9a-f]{16})\.(?P<digest>[0-9a-f]{16})$")
 
 
 def tag_job(tag: str | None) -> str | None:
     """The job id inside an artifact tag written by `output_tag`, or None for anything else."""
     match = _TAG.match(tag or "")
     return match.group("job") if match else None
+
+
+def tag_digest(tag: str) -> str | None:
+    """The source identity digest inside an artifact tag written by `output_tag`."""
+    match = _TAG.match(tag or "")
+    return match.group("digest") if match else None

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from config.settings import Settings
 from converters.errors import ConversionError, CorruptCheckpoint, NotAMegatronCheckpoint
 from converters.megatron.layout import (
     LATEST_FILE,
@@ -55,10 +56,10 @@ from converters.megatron.layout import (
 from converters.megatron.legacy import is_rank_model_file, is_storage_record, zip_records
 from converters.tensors import FileRange, LazyTensor
 from converters.trtllm.plan import Target, rank_tensors
+from tasks.jobs import identity_digest
 from tasks.store import ArtifactStore, open_store
 
 MiB = 1024 * 1024
-COALESCE_GAP = 1 * MiB  # missing ranges closer than this are fetched with one GET
 _GET_SIZE = 16 * MiB  # largest single GET (bounds the memory of a fetch)
 _THREADS = 8  # concurrent GETs per process
 _GETS = threading.BoundedSemaphore(_THREADS)
@@ -142,13 +143,13 @@ def source_identity(uri: str) -> list[list]:
 
 
 def open_source(
-    uri: str, cache_dir: Path | None = None, *, coalesce_gap: int = COALESCE_GAP
+    uri: str, cache_dir: Path | None = None, *, coalesce_gap: int | None = None
 ) -> SourceCheckpoint:
     """Local path → `open_checkpoint(path)`. s3:// → a sparse mirror under `cache_dir` holding
     only metadata bytes (enough for config, shapes and estimates); no weights are downloaded."""
     if not _is_s3(uri):
         return open_checkpoint(Path(uri))
-    mirror = _Mirror(_locate(uri), _cache_root(cache_dir), coalesce_gap)
+    mirror = _Mirror(_locate(uri), _cache_root(cache_dir), _gap(coalesce_gap))
     mirror.fetch_metadata(FetchStats())
     return mirror.open()
 
@@ -159,14 +160,22 @@ def open_source_for_rank(
     rank: int,
     cache_dir: Path | None = None,
     *,
-    coalesce_gap: int = COALESCE_GAP,
+    coalesce_gap: int | None = None,
+    expected_digest: str | None = None,
 ) -> tuple[SourceCheckpoint, FetchStats]:
     """Like `open_source`, then fetch every byte range `rank_tensors(source, target, rank)` reads.
-    Returns the checkpoint and what this call fetched (local paths: zeros)."""
+    Returns the checkpoint and what this call fetched (local paths: zeros). With
+    `expected_digest` (the `identity_digest` the job was planned with), a source that changed
+    since then raises SourceChanged instead of being converted under the old plan."""
     if not _is_s3(uri):
+        if expected_digest is not None:
+            _check_digest(uri, source_identity(uri), expected_digest)
         return open_checkpoint(Path(uri)), FetchStats()
     stats = FetchStats()
-    mirror = _Mirror(_locate(uri), _cache_root(cache_dir), coalesce_gap)
+    location = _locate(uri)
+    if expected_digest is not None:
+        _check_digest(uri, [[o.key, o.size, o.etag] for o in location.objects], expected_digest)
+    mirror = _Mirror(location, _cache_root(cache_dir), _gap(coalesce_gap))
     mirror.fetch_metadata(stats)
     planned = mirror.open()
     with mirror.naming():
@@ -183,11 +192,24 @@ def _is_s3(uri: str | Path) -> bool:
     return str(uri).startswith("s3://")
 
 
+def _check_digest(uri: str, identity: list, expected: str) -> None:
+    if identity_digest(identity) != expected:
+        raise SourceChanged(
+            "the checkpoint changed since the job was planned (files added, removed or "
+            "rewritten); retry the job to convert the new version",
+            uri,
+        )
+
+
+def _gap(coalesce_gap: int | None) -> int:
+    return Settings.from_env().fetch_coalesce_bytes if coalesce_gap is None else coalesce_gap
+
+
 def _cache_root(cache_dir: Path | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir).absolute()
-    env = os.environ.get("PORTER_CACHE_DIR")
-    return Path(env).absolute() if env else Path.home() / ".cache" / "porter" / "sources"
+    configured = Settings.from_env().cache_dir
+    return Path(configured).absolute() if configured else Path.home() / ".cache/porter/sources"
 
 
 def _iteration_prefix(store: ArtifactStore) -> str:

@@ -32,6 +32,7 @@ from tasks.jobs import (
     job_id,
     output_tag,
     porter_version,
+    tag_digest,
     tag_job,
 )
 from tasks.memory import PeakAnonSampler, peak_rss_bytes, reset_peak_rss
@@ -109,8 +110,10 @@ def convert_rank_step(
     key = rank_file_name(rank)
     done = _artifact_result(store, key, tag)
     if done:  # a re-delivered, retried or resumed step
-        return {"rank": rank, "bytes_read": 0, "bytes_fetched": 0, "seconds": 0.0, **done}
-    source, fetched = sources.open_source_for_rank(spec.source, spec.target, rank)
+        return {"rank": rank, "bytes_read": 0, "bytes_fetched": 0, "bytes_cached": 0, **done}
+    source, fetched = sources.open_source_for_rank(
+        spec.source, spec.target, rank, expected_digest=tag_digest(tag)
+    )
     reset_peak_rss()
     with store.scratch(key) as tmp, PeakAnonSampler() as sampler:
         result = convert_rank(source, spec.target, rank, tmp, progress)
@@ -118,7 +121,8 @@ def convert_rank_step(
     return {
         **asdict(result),
         "file": key,
-        "bytes_fetched": fetched.bytes_fetched,
+        "bytes_fetched": fetched.bytes_fetched,  # downloaded from the store by this step
+        "bytes_cached": fetched.bytes_cached,  # needed, and already in this machine's cache
         "peak_anon_bytes": sampler.peak,
         "peak_rss_bytes": peak_rss_bytes(),
         "pid": os.getpid(),

@@ -79,6 +79,7 @@ def worker_env(redis_url: str, s3_endpoint: str, cache: Path) -> dict[str, str]:
         PORTER_UNACKED_RESTORE_THROTTLE="1",
         PORTER_PROGRESS_INTERVAL="0.05",
         PORTER_CACHE_DIR=str(cache),
+        PORTER_FETCH_COALESCE_BYTES="0",  # the fixtures are tiny: fetch exactly what is needed
         AWS_ENDPOINT_URL_S3=s3_endpoint,
         AWS_ACCESS_KEY_ID=ACCESS_KEY,
         AWS_SECRET_ACCESS_KEY=SECRET_KEY,
@@ -97,13 +98,20 @@ class Cluster:
     redis_url: str
     env: dict[str, str]
     logs: Path
+    cache: Path
     workers: list[subprocess.Popen] = field(default_factory=list)
 
-    def start_worker(self, queues: str = "cpu", concurrency: int = 1) -> subprocess.Popen:
+    def start_worker(
+        self, queues: str = "cpu", concurrency: int = 1, *, command: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen:  # fmt: skip
+        """Start `porter worker` (or `command`) with this cluster's environment (plus `env`)."""
         log = open(self.logs / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
+        # Each worker has a cache of its own, as on separate machines.
+        cache = str(self.cache / f"worker-{len(self.workers)}")
         proc = subprocess.Popen(
-            [PORTER, "worker", "--queues", queues, "--concurrency", str(concurrency)],
-            env=self.env,
+            command or [PORTER, "worker", "--queues", queues, "--concurrency", str(concurrency)],
+            env={**self.env, "PORTER_CACHE_DIR": cache, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -139,6 +147,11 @@ class Cluster:
             check=check,
         )
 
+    def stop_worker(self, proc: subprocess.Popen) -> None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        self.workers.remove(proc)
+
     def stop(self) -> None:
         for proc in self.workers:
             if proc.poll() is None:
@@ -157,7 +170,8 @@ def cluster(redis_url: str, moto_s3: str, tmp_path_factory: pytest.TempPathFacto
     base = tmp_path_factory.mktemp("cluster")
     (base / "logs").mkdir()
     (base / "cache").mkdir()
-    c = Cluster(redis_url, worker_env(redis_url, moto_s3, base / "cache"), base / "logs")
+    env = worker_env(redis_url, moto_s3, base / "cache")
+    c = Cluster(redis_url, env, base / "logs", base / "cache")
     c.start_worker()
     c.start_worker()
     try:

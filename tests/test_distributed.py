@@ -255,3 +255,21 @@ def test_engines_are_built_per_rank_on_the_gpu_queue(cluster, s3_env, megatron, 
     ranks = sorted(int(c["argv"][c["argv"].index("--rank") + 1]) for c in calls)
     assert ranks == [0, 1]  # one build per rank, each once
     assert record["steps"]["engine:0"]["state"] == "SUCCEEDED"
+
+
+def test_porter_convert_runs_the_same_steps_on_s3(s3_env, megatron, tmp_path, capsys):  # noqa: F811
+    """The local executor takes s3:// in and out too (no servers), with the same bytes."""
+    from tasks.cli import main
+
+    source = megatron("llama").paths[LEGACY_TP2]
+    upload(source, f"s3://{s3_env}/ckpt")
+    code = main(["convert", "megatron-trtllm", f"s3://{s3_env}/ckpt", f"s3://{s3_env}/out",
+                 "--tp", "2", "--quiet"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    got = download(f"s3://{s3_env}/out", tmp_path / "got")
+    assert json.loads(got.pop("manifest.json"))["spec"]["source"] == f"s3://{s3_env}/ckpt"
+    assert got == reference(source, tmp_path, 2)
+    # Again: already converted, nothing to do.
+    assert main(["convert", "megatron-trtllm", f"s3://{s3_env}/ckpt", f"s3://{s3_env}/out",
+                 "--tp", "2", "--quiet"]) == 0  # fmt: skip
+    assert "already converted" in capsys.readouterr().out

@@ -341,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cancel": cli_queue.cancel,
         "retry": cli_queue.retry,
         "worker": cli_queue.worker,
+        "serve": cli_queue.serve,
     }
     if args.command == "convert" and args.kind == "powerinfer-index":
         handlers["convert"] = _convert_index

@@ -48,6 +48,10 @@ def add_commands(
     retry.add_argument("job")
     retry.add_argument("--wait", action="store_true", help="block until the job ends")
 
+    serve = commands.add_parser("serve", help="serve the read-only HTTP status API")
+    serve.add_argument("--host", default="127.0.0.1", help="address (default loopback only)")
+    serve.add_argument("--port", type=int, default=8080)
+
     worker = commands.add_parser("worker", help="run a Celery worker with Porter's settings")
     worker.add_argument("--queues", default="cpu", help="comma-separated: cpu, gpu (default cpu)")
     worker.add_argument(
@@ -183,4 +187,13 @@ def worker(args: argparse.Namespace) -> int:
     from config.celery_app import app
 
     app.worker_main(argv)
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tasks.api import create_app
+
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
     return 0

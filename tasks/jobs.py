@@ -83,3 +83,9 @@ def tag_digest(tag: str) -> str | None:
     """The source identity digest inside an artifact tag written by `output_tag`."""
     match = _TAG.match(tag or "")
     return match.group("digest") if match else None
+
+
+def task_id(job: str, step: str, attempt: int) -> str:
+    """The Celery task id of a step: `{job}:{step}:{attempt}`. Deterministic, so a step can be
+    revoked by name; new on every attempt, because revoked ids stay revoked in the workers."""
+    return f"{job}:{step}:{attempt}"

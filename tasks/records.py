@@ -46,11 +46,16 @@ return 1
 """
 
 
-def _decode(value: str) -> Any:
-    try:
-        return json.loads(value)
-    except (json.JSONDecodeError, TypeError):
-        return value
+# Stored as plain strings (compared by the Lua script, set by HSETNX); every other field is JSON.
+_RAW = frozenset({"id", "kind", "state", "error"})
+
+
+def _encode(fields: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) if k in _RAW else json.dumps(v) for k, v in fields.items()}
+
+
+def _decode(raw: dict[str, str]) -> dict[str, Any]:
+    return {k: v if k in _RAW else json.loads(v) for k, v in raw.items()}
 
 
 class JobRecords:
@@ -74,32 +79,21 @@ class JobRecords:
         if not self.redis.hsetnx(key, "id", job):
             return False
         now = time.time()
-        self.redis.hset(
-            key,
-            mapping={
-                "kind": kind,
-                "state": PENDING,
-                "spec": json.dumps(spec),
-                "created": now,
-                "attempt": 0,
-                "error": "",
-                **{k: json.dumps(v) for k, v in fields.items()},
-            },
-        )
+        record = {"kind": kind, "state": PENDING, "spec": spec, "created": now, "attempt": 1}
+        self.redis.hset(key, mapping=_encode({**record, "error": "", **fields}))
         self.redis.zadd(f"{_PREFIX}jobs", {job: now})
         return True
 
     def update(self, job: str, **fields: Any) -> None:
         """Set fields of the job record (values stored as JSON)."""
-        self.redis.hset(self._job(job), mapping={k: json.dumps(v) for k, v in fields.items()})
+        self.redis.hset(self._job(job), mapping=_encode(fields))
 
     def get(self, job: str, *, steps: bool = True) -> dict[str, Any] | None:
         """The job record with its steps (in order), or None if there is none."""
         raw = self.redis.hgetall(self._job(job))
         if not raw:
             return None
-        record = {k: _decode(v) for k, v in raw.items()}
-        record["state"], record["error"] = raw.get("state"), raw.get("error", "")
+        record = _decode(raw)
         if steps:
             record["steps"] = dict(self.steps(job))
         return record
@@ -115,42 +109,43 @@ class JobRecords:
         for name in names:
             pipe.hgetall(self._step(job, name))
         for name, raw in zip(names, pipe.execute(), strict=True):
-            fields = {k: _decode(v) for k, v in raw.items()}
-            if "error" in raw:
-                fields["error"] = raw["error"]
-            yield name, fields
+            yield name, _decode(raw)
 
     def job_ids(self, limit: int = 50) -> list[str]:
         """The most recent job ids, newest first."""
         return self.redis.zrevrange(f"{_PREFIX}jobs", 0, limit - 1)
 
     def start(self, job: str) -> None:
-        """Mark the job RUNNING (from PENDING, or again on retry) and count the attempt."""
+        """Mark the job RUNNING (its plan step began)."""
+        self.redis.hset(self._job(job), mapping=_encode({"state": RUNNING, "started": time.time()}))
+
+    def new_attempt(self, job: str) -> int:
+        """Queue the job again (retry): PENDING, error cleared, attempt counted; returns it."""
         key = self._job(job)
         pipe = self.redis.pipeline()
-        pipe.hset(key, mapping={"state": RUNNING, "error": "", "started": time.time()})
+        pipe.hset(key, mapping={"state": PENDING, "error": ""})
         pipe.hdel(key, "finished")
         pipe.hincrby(key, "attempt", 1)
-        pipe.execute()
+        return int(pipe.execute()[-1])
 
     def finish(self, job: str, state: str, error: str = "") -> bool:
         """End the job in `state` unless it already ended; True if this call ended it."""
-        done = bool(self._finish(keys=[self._job(job)], args=[state, error, time.time()]))
+        now = json.dumps(time.time())
+        done = bool(self._finish(keys=[self._job(job)], args=[state, error, now]))
         if done and self.ttl:
             self.redis.expire(self._job(job), self.ttl)
         return done
 
     def force_state(self, job: str, state: str, error: str = "") -> None:
         """Set the state whatever it was (cancel, retry)."""
-        self.redis.hset(self._job(job), mapping={"state": state, "error": error})
+        self.redis.hset(self._job(job), mapping=_encode({"state": state, "error": error}))
 
     def step(self, job: str, step: str, *, quiet: bool = False, **fields: Any) -> None:
         """Record fields of a step (creating it); with `quiet`, Redis errors are logged, not raised."""
         try:
             pipe = self.redis.pipeline()
             pipe.zadd(f"{self._job(job)}:steps", {step: time.time()}, nx=True)
-            values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
-            pipe.hset(self._step(job, step), mapping=values)
+            pipe.hset(self._step(job, step), mapping=_encode(fields))
             pipe.execute()
         except redis.RedisError as exc:
             if not quiet:

@@ -14,7 +14,7 @@ from config.celery_app import app
 from config.settings import Settings
 from converters.errors import ConversionError
 from tasks import sources, steps
-from tasks.jobs import ConvertSpec, job_id
+from tasks.jobs import ConvertSpec, job_id, task_id
 from tasks.records import CANCELLED, FAILED, PENDING, SUCCEEDED, TERMINAL, JobRecords
 
 
@@ -29,7 +29,7 @@ def connect(settings: Settings | None = None) -> JobRecords:
 
 
 def _send_plan(job: str, attempt: int) -> None:
-    app.send_task("porter.plan", args=[job], task_id=f"{job}:plan:{attempt}", queue="cpu")
+    app.send_task("porter.plan", args=[job], task_id=task_id(job, "plan", attempt), queue="cpu")
 
 
 def submit(spec: ConvertSpec, records: JobRecords) -> tuple[str, bool]:
@@ -61,7 +61,7 @@ def cancel(records: JobRecords, job: str) -> dict[str, Any]:
     ranks = len((record.get("inspected") or {}).get("ranks", []))
     names = ["plan", "assemble", "publish"]
     names += [f"reshard:{r}" for r in range(ranks)] + [f"engine:{r}" for r in range(ranks)]
-    app.control.revoke([f"{job}:{name}:{attempt}" for name in names])
+    app.control.revoke([task_id(job, name, attempt) for name in names])
     removed = steps.remove_outputs(ConvertSpec.from_dict(record["spec"]), job)
     records.update(job, finished=time.time())
     return {"job": job, "removed_files": removed}
@@ -77,8 +77,7 @@ def retry(records: JobRecords, job: str) -> int:
         )
     unfinished = [name for name, step in records.steps(job) if step.get("state") != SUCCEEDED]
     records.reset_steps(job, unfinished)
-    records.force_state(job, PENDING)
-    attempt = int(record.get("attempt") or 0) + 1
+    attempt = records.new_attempt(job)
     _send_plan(job, attempt)
     return attempt
 

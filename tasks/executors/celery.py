@@ -30,7 +30,7 @@ from config.celery_app import GPU_QUEUE, app
 from config.settings import Settings
 from converters.trtllm.convert import Progress
 from tasks import steps
-from tasks.jobs import ConvertSpec, output_tag
+from tasks.jobs import ConvertSpec, output_tag, task_id
 from tasks.records import CANCELLED, FAILED, RUNNING, SUCCEEDED, TERMINAL, JobRecords
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,6 @@ def settings() -> Settings:
 def records() -> JobRecords:
     """This process's connection to the job records (redis-py reconnects after a fork)."""
     return JobRecords(settings().redis_url, ttl=settings().record_ttl)
-
-
-def task_id(job: str, attempt: int, step: str) -> str:
-    """Deterministic task ids: `{job}:{step}:{attempt}` (a retry gets new ones; revoked ids stay
-    revoked in the workers)."""
-    return f"{job}:{step}:{attempt}"
 
 
 def _spec(record: dict[str, Any]) -> ConvertSpec:
@@ -138,10 +132,9 @@ def plan(job: str) -> dict[str, Any]:
     record = rec.get(job, steps=False)
     if record is None:
         raise Ignore()
-    spec = _spec(record)
+    spec, attempt = _spec(record), int(record["attempt"])
     if record["state"] not in TERMINAL:
         rec.start(job)
-    attempt = int(rec.get(job, steps=False)["attempt"])
 
     def inspect() -> dict[str, Any]:
         inspected = steps.inspect_source(spec)
@@ -158,10 +151,10 @@ def plan(job: str) -> dict[str, Any]:
         rec.finish(job, SUCCEEDED)
         return result
     header = [
-        reshard.si(job, r).set(task_id=task_id(job, attempt, f"reshard:{r}"))
+        reshard.si(job, r).set(task_id=task_id(job, f"reshard:{r}", attempt))
         for r in range(result["ranks"])
     ]
-    chord(header, assemble.si(job).set(task_id=task_id(job, attempt, "assemble"))).apply_async()
+    chord(header, assemble.si(job).set(task_id=task_id(job, "assemble", attempt))).apply_async()
     return result
 
 
@@ -195,10 +188,10 @@ def assemble(job: str) -> dict[str, Any]:
         return publish(job)
     attempt = int(record["attempt"])
     header = [
-        build_engine.si(job, r).set(task_id=task_id(job, attempt, f"engine:{r}"), queue=GPU_QUEUE)
+        build_engine.si(job, r).set(task_id=task_id(job, f"engine:{r}", attempt), queue=GPU_QUEUE)
         for r in range(len(inspected["ranks"]))
     ]
-    chord(header, publish.si(job).set(task_id=task_id(job, attempt, "publish"))).apply_async()
+    chord(header, publish.si(job).set(task_id=task_id(job, "publish", attempt))).apply_async()
     return result
 
 

@@ -13,7 +13,7 @@ from config.settings import Settings
 
 CPU_QUEUE = "cpu"
 GPU_QUEUE = "gpu"
-TASK_MODULE = "tasks.executors.celery"
+TASK_MODULES = ["tasks.executors.celery", "tasks.executors.celery_powerinfer"]
 
 
 def celery_config(settings: Settings) -> dict:
@@ -53,7 +53,7 @@ def celery_config(settings: Settings) -> dict:
 
 def make_app(settings: Settings | None = None) -> Celery:
     """A Celery app configured from `settings` (default: the environment)."""
-    app = Celery("porter", include=[TASK_MODULE])
+    app = Celery("porter", include=TASK_MODULES)
     app.conf.update(celery_config(settings or Settings.from_env()))
     return app
 

@@ -14,6 +14,7 @@ from converters.errors import ConversionError
 from converters.model import DTYPES
 from tasks import cli_queue
 from tasks.jobs import ConvertSpec
+from tasks.powerinfer_index import IndexSpec
 
 
 def _human(n: float) -> str:
@@ -54,33 +55,7 @@ def _spec(args: argparse.Namespace, output: str) -> ConvertSpec:
     )
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="porter", description="Move trained LLM checkpoints to where they are served."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    convert = commands.add_parser(
-        "convert", help="convert a checkpoint on this machine (no servers)"
-    )
-    convert_kinds = convert.add_subparsers(dest="kind", required=True)
-    megatron = convert_kinds.add_parser(
-        "megatron-trtllm", help="Megatron-LM → TensorRT-LLM checkpoint"
-    )
-    megatron.add_argument(
-        "source", help="Megatron checkpoint (root, iteration directory; legacy or torch_dist)"
-    )
-    megatron.add_argument("output", help="output directory (created; must be empty)")
-    _add_target_options(megatron)
-    megatron.add_argument(
-        "--workers", type=int, help="rank processes in parallel (default: what fits RAM and cores)"
-    )
-    megatron.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    index = convert_kinds.add_parser(
-        "powerinfer-index",
-        help="PowerInfer activation statistics → GPU index file(s) PowerInfer loads",
-    )
+def _add_index_options(index: argparse.ArgumentParser) -> None:
     index.add_argument("activations", help="directory of activation_<layer>.pt files")
     index.add_argument(
         "output", help="index file to write (a directory when several budgets are given)"
@@ -121,6 +96,36 @@ def _build_parser() -> argparse.ArgumentParser:
         "--threshold", type=int, default=0, help="minimum GPU neurons of a layer that gets any"
     )
 
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="porter", description="Move trained LLM checkpoints to where they are served."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser(
+        "convert", help="convert a checkpoint on this machine (no servers)"
+    )
+    convert_kinds = convert.add_subparsers(dest="kind", required=True)
+    megatron = convert_kinds.add_parser(
+        "megatron-trtllm", help="Megatron-LM → TensorRT-LLM checkpoint"
+    )
+    megatron.add_argument(
+        "source", help="Megatron checkpoint (root, iteration directory; legacy or torch_dist)"
+    )
+    megatron.add_argument("output", help="output directory (created; must be empty)")
+    _add_target_options(megatron)
+    megatron.add_argument(
+        "--workers", type=int, help="rank processes in parallel (default: what fits RAM and cores)"
+    )
+    megatron.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    index = convert_kinds.add_parser(
+        "powerinfer-index",
+        help="PowerInfer activation statistics → GPU index file(s) PowerInfer loads",
+    )
+    _add_index_options(index)
+
     inspect = commands.add_parser(
         "inspect", help="print what a PowerInfer GPU index puts on the GPU"
     )
@@ -140,7 +145,7 @@ def _build_parser() -> argparse.ArgumentParser:
     plan_megatron.add_argument("source")
     _add_target_options(plan_megatron)
 
-    cli_queue.add_commands(commands, _add_target_options)
+    cli_queue.add_commands(commands, _add_target_options, _add_index_options)
 
     example = commands.add_parser("example", help="write a small real checkpoint to try Porter on")
     example_kinds = example.add_subparsers(dest="kind", required=True)
@@ -247,16 +252,25 @@ def _index_budgets(args: argparse.Namespace) -> tuple:
     return tuple(budgets)
 
 
-def _convert_index(args: argparse.Namespace) -> int:
-    from tasks.powerinfer_index import IndexSpec, export_gpu_indices
-
-    spec = IndexSpec(
-        activations=str(Path(args.activations).resolve()),
-        output=str(Path(args.output).resolve()),
+def _index_spec(args: argparse.Namespace) -> IndexSpec:
+    return IndexSpec(
+        activations=_location(args.activations),
+        output=_location(args.output),
         budgets=_index_budgets(args),
         batch=args.batch,
         threshold=args.threshold,
     )
+
+
+def _convert_index(args: argparse.Namespace) -> int:
+    from tasks.powerinfer_index import export_gpu_indices
+
+    if args.activations.startswith("s3://") or args.output.startswith("s3://"):
+        raise ConversionError(
+            "porter convert powerinfer-index works on local paths; for s3:// use "
+            "`porter submit powerinfer-index`"
+        )
+    spec = _index_spec(args)
     for result in export_gpu_indices(spec):
         print(
             f"{result['path']}: {sum(result['counts'])} GPU neurons over {len(result['counts'])} layers "
@@ -335,7 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plan": _plan,
         "example": _example,
         "inspect": _inspect,
-        "submit": lambda a: cli_queue.submit(a, _spec(a, a.output)),
+        "submit": lambda a: cli_queue.submit(
+            a, _index_spec(a) if a.kind == "powerinfer-index" else _spec(a, a.output)
+        ),
         "status": cli_queue.status,
         "jobs": cli_queue.jobs,
         "cancel": cli_queue.cancel,

@@ -18,7 +18,9 @@ from converters.errors import ConversionError
 
 
 def add_commands(
-    commands: Any, add_target_options: Callable[[argparse.ArgumentParser], None]
+    commands: Any,
+    add_target_options: Callable[[argparse.ArgumentParser], None],
+    add_index_options: Callable[[argparse.ArgumentParser], None],
 ) -> None:
     """Register the queue commands on the `porter` sub-command parser."""
     submit = commands.add_parser("submit", help="queue a conversion for the workers (Redis)")
@@ -33,6 +35,11 @@ def add_commands(
         "--engines", action="store_true", help="also build TensorRT-LLM engines (gpu workers)"
     )
     megatron.add_argument("--wait", action="store_true", help="block until the job ends")
+    index = kinds.add_parser(
+        "powerinfer-index", help="PowerInfer activation statistics → GPU index files"
+    )
+    add_index_options(index)
+    index.add_argument("--wait", action="store_true", help="block until the job ends")
 
     status = commands.add_parser("status", help="state and per-step progress of a job")
     status.add_argument("job")
@@ -76,6 +83,8 @@ def _wait(records: Any, job: str) -> int:
     bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=job, file=sys.stderr)
 
     def update(record: dict[str, Any]) -> None:
+        if record["kind"] == "powerinfer-index":  # progress in layer steps, not bytes
+            bar.unit, bar.unit_scale = "step", False
         done, total = service.progress(record)
         bar.total = total
         bar.set_postfix_str(record["state"], refresh=False)
@@ -114,10 +123,15 @@ def status(args: argparse.Namespace) -> int:
     done, total = service.progress(record)
     spec = record["spec"]
     print(f"job {args.job}: {record['state']} (attempt {record.get('attempt', 0)})")
-    print(f"  {spec['source']} -> {spec['output']} TP={spec['tp']} PP={spec['pp']}")
+    if record["kind"] == "powerinfer-index":
+        budgets = ", ".join(str(b["vram_capacity"]) for b in spec["budgets"])
+        print(f"  {spec['activations']} -> {spec['output']} (VRAM capacities {budgets})")
+    else:
+        print(f"  {spec['source']} -> {spec['output']} TP={spec['tp']} PP={spec['pp']}")
     print(f"  created {_time(record.get('created'))}, finished {_time(record.get('finished'))}")
     if total:
-        print(f"  written {done}/{total} bytes ({done / total:.0%})")
+        unit = "layer steps" if record["kind"] == "powerinfer-index" else "bytes"
+        print(f"  done {done}/{total} {unit} ({done / total:.0%})")
     if record.get("error"):
         print(f"  error: {record['error']}")
     if record.get("manifest_uri"):

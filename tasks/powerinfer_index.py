@@ -41,6 +41,14 @@ class IndexSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IndexSpec:
+        budgets = tuple(
+            IndexBudget(**{**b, "counts": tuple(b["counts"]) if b.get("counts") else None})
+            for b in data["budgets"]
+        )
+        return cls(**{**data, "budgets": budgets})
+
 
 def _output_paths(spec: IndexSpec) -> list[Path]:
     output = Path(spec.output)

@@ -1,4 +1,5 @@
-"""Submitting and managing queued jobs: what `porter submit|status|jobs|cancel|retry` call.
+"""Submitting and managing queued jobs (Megatron → TensorRT-LLM and PowerInfer GPU index): what
+`porter submit|status|jobs|cancel|retry` call.
 
 The job id is derived from the content (source identity from listings + normalized spec + format
 version), and the record is created with HSETNX: submitting the same job twice, even at the same
@@ -15,6 +16,7 @@ from config.settings import Settings
 from converters.errors import ConversionError
 from tasks import sources, steps
 from tasks.jobs import ConvertSpec, job_id, task_id
+from tasks.powerinfer_index import IndexSpec
 from tasks.records import CANCELLED, FAILED, PENDING, SUCCEEDED, TERMINAL, JobRecords
 
 
@@ -32,10 +34,18 @@ def _send_plan(job: str, attempt: int) -> None:
     app.send_task("porter.plan", args=[job], task_id=task_id(job, "plan", attempt), queue="cpu")
 
 
-def submit(spec: ConvertSpec, records: JobRecords) -> tuple[str, bool]:
+def _identity(spec: ConvertSpec | IndexSpec) -> list:
+    """The source identity of a job spec, from listings (no weights or statistics are read)."""
+    if isinstance(spec, IndexSpec):
+        from tasks.powerinfer_steps import activation_identity
+
+        return activation_identity(spec.activations)
+    return sources.source_identity(spec.source)
+
+
+def submit(spec: ConvertSpec | IndexSpec, records: JobRecords) -> tuple[str, bool]:
     """Queue `spec`; returns (job id, whether this call created the job)."""
-    identity = sources.source_identity(spec.source)  # listings only: no weights are read
-    job = job_id(spec, identity)
+    job = job_id(spec, _identity(spec))
     created = records.create(job, spec.kind, spec.to_dict(), output=spec.output)
     if created:
         _send_plan(job, 1)
@@ -57,14 +67,29 @@ def cancel(records: JobRecords, job: str) -> dict[str, Any]:
     if record["state"] in (SUCCEEDED, CANCELLED):
         raise ConversionError(f"job {job} already ended {record['state']}; nothing to cancel")
     records.force_state(job, CANCELLED, "cancelled by request")
-    attempt = int(record.get("attempt") or 0)
-    ranks = len((record.get("inspected") or {}).get("ranks", []))
-    names = ["plan", "assemble", "publish"]
-    names += [f"reshard:{r}" for r in range(ranks)] + [f"engine:{r}" for r in range(ranks)]
-    app.control.revoke([task_id(job, name, attempt) for name in names])
-    removed = steps.remove_outputs(ConvertSpec.from_dict(record["spec"]), job)
+    app.control.revoke([task_id(job, name, record["attempt"]) for name in _step_names(record)])
+    spec = _spec(record)
+    removed = steps.remove_outputs(spec, job)
     records.update(job, finished=time.time())
     return {"job": job, "removed_files": removed}
+
+
+def _spec(record: dict[str, Any]) -> ConvertSpec | IndexSpec:
+    if record["kind"] == "powerinfer-index":
+        return IndexSpec.from_dict(record["spec"])
+    return ConvertSpec.from_dict(record["spec"])
+
+
+def _step_names(record: dict[str, Any]) -> list[str]:
+    """Every step the job's canvas can have (queued ones included, so they can be revoked)."""
+    inspected = record.get("inspected") or {}
+    if record["kind"] == "powerinfer-index":
+        layers = range(len(inspected.get("layers", [])))
+        per_layer = [f"stats:{n}" for n in layers] + [f"topk:{n}" for n in layers]
+        return ["plan", "solve", "assemble", *per_layer]
+    ranks = range(len(inspected.get("ranks", [])))
+    per_rank = [f"reshard:{r}" for r in ranks] + [f"engine:{r}" for r in ranks]
+    return ["plan", "assemble", "publish", *per_rank]
 
 
 def retry(records: JobRecords, job: str) -> int:
@@ -94,7 +119,14 @@ def wait(records: JobRecords, job: str, on_update: Any = None, poll: float = 0.5
 
 
 def progress(record: dict[str, Any]) -> tuple[int, int]:
-    """(bytes written so far, bytes to write) over the job's rank steps."""
+    """(bytes written so far, bytes to write) over a Megatron job's rank steps; (steps done,
+    steps) over a PowerInfer index job's per-layer steps."""
+    if record["kind"] == "powerinfer-index":
+        layers = len((record.get("inspected") or {}).get("layers", []))
+        per_layer = [
+            s for n, s in record.get("steps", {}).items() if n.startswith(("stats:", "topk:"))
+        ]
+        return sum(s.get("state") == SUCCEEDED for s in per_layer), 2 * layers
     planned = {
         f"reshard:{r['rank']}": r["bytes_written"]
         for r in (record.get("inspected") or {}).get("ranks", [])

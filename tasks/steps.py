@@ -69,7 +69,7 @@ def inspect_source(spec: ConvertSpec) -> dict[str, Any]:
     }
 
 
-def prepare_output(spec: ConvertSpec, job: str) -> dict[str, Any] | None:
+def prepare_output(spec: Any, job: str) -> dict[str, Any] | None:
     """Check OUTPUT before a job writes to it. Returns the manifest if this job is already
     committed there; removes what killed runs of *other* Porter jobs left (never committed);
     keeps this job's own artifacts for reuse; refuses OUTPUT holding anything else."""
@@ -142,16 +142,22 @@ def write_config_step(spec: ConvertSpec, tag: str, inspected: dict[str, Any]) ->
     return {"file": CONFIG, "bytes_written": len(data), "sha256": sha}
 
 
+def source_summary(inspected: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest records about a Megatron source (from `inspect_source`)."""
+    keys = ("format", "source_tp", "source_pp", "family", "source_bytes", "source_digest")
+    return {k: inspected[k] for k in keys}
+
+
 def publish_step(
-    spec: ConvertSpec, job: str, inspected: dict[str, Any], files: list[dict[str, Any]]
+    spec: Any, job: str, tag: str, source: dict[str, Any], files: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """Check every file against its recorded sha256 and tag, then commit by writing
-    `manifest.json` (only if absent). Returns the committed manifest."""
+    `manifest.json` (only if absent) with the spec, `source` and the files. Returns the
+    committed manifest. `spec` is any job spec with `output` and `to_dict()`."""
     store = open_store(spec.output)
     committed = _committed(store, job)
     if committed is not None:  # a re-delivered publish
         return committed
-    tag = inspected["tag"]
     for entry in files:
         art = store.stat(entry["file"])
         if art is None or art.tag != tag or art.sha256 != entry["sha256"]:
@@ -165,10 +171,7 @@ def publish_step(
         "porter_version": porter_version(),
         "format_version": FORMAT_VERSION,
         "spec": spec.to_dict(),
-        "source": {
-            k: inspected[k]
-            for k in ("format", "source_tp", "source_pp", "family", "source_bytes", "source_digest")
-        },
+        "source": source,
         "files": [
             {"path": e["file"], "bytes": e["bytes_written"], "sha256": e["sha256"]} for e in files
         ],
@@ -192,7 +195,7 @@ def _committed(store: ArtifactStore, job: str) -> dict[str, Any] | None:
     )
 
 
-def remove_outputs(spec: ConvertSpec, job: str, keep: Callable[[str], bool] | None = None) -> int:
+def remove_outputs(spec: Any, job: str, keep: Callable[[str], bool] | None = None) -> int:
     """Delete the uncommitted artifacts of `job` in OUTPUT (except those `keep` names); never
     touches a committed job. Returns how many were deleted."""
     store = open_store(spec.output)

@@ -47,32 +47,39 @@ def find_activation_files(directory: Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise MissingActivationLayer("not a directory of activation_<i>.pt files", directory)
-    by_layer: dict[int, Path] = {}
-    for path in directory.iterdir():
-        match = ACTIVATION_NAME.fullmatch(path.name)
-        if match is None or not path.is_file():
+    names = [p.name for p in directory.iterdir() if p.is_file()]
+    return [directory / name for name in order_activation_names(names, directory)]
+
+
+def order_activation_names(names: list[str], where: str | Path) -> list[str]:
+    """The `activation_<i>.pt` names among `names` in numeric layer order (others ignored);
+    checks layers 0..L-1 are all present exactly once. `where` names the directory in errors."""
+    by_layer: dict[int, str] = {}
+    for name in names:
+        match = ACTIVATION_NAME.fullmatch(name)
+        if match is None:
             continue
         layer = int(match.group(1))
         if layer in by_layer:
             raise MissingActivationLayer(
-                f"both {by_layer[layer].name} and {path.name} claim layer {layer}; keep one",
-                directory,
+                f"both {by_layer[layer]} and {name} claim layer {layer}; keep one", where
             )
-        by_layer[layer] = path
+        by_layer[layer] = name
     if not by_layer:
-        raise MissingActivationLayer("no activation_<i>.pt files found", directory)
+        raise MissingActivationLayer("no activation_<i>.pt files found", where)
     n_layers = max(by_layer) + 1
     missing = [i for i in range(n_layers) if i not in by_layer]
     if missing:
         shown = ", ".join(f"activation_{i}.pt" for i in missing[:5])
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise MissingActivationLayer(
-            f"missing {shown}{more}: layers 0..{n_layers - 1} must all be present", directory
+            f"missing {shown}{more}: layers 0..{n_layers - 1} must all be present", where
         )
     return [by_layer[i] for i in range(n_layers)]
 
 
-def _layer_vector(path: Path) -> np.ndarray:
+def load_layer(path: Path) -> np.ndarray:
+    """One layer's validated activation vector (float64, length n_ff) from a `.pt` file."""
     obj = load_pt(path)
     if not isinstance(obj, torch.Tensor):
         raise NotATensor(
@@ -109,7 +116,7 @@ def load_activations(directory: Path, *, n_layers: int | None = None) -> Activat
         )
     rows: list[np.ndarray] = []
     for path in files:
-        row = _layer_vector(path)
+        row = load_layer(path)
         if rows and row.shape != rows[0].shape:
             raise BadActivationShape(
                 f"has {row.shape[0]} neurons but {files[0].name} has {rows[0].shape[0]}; "

@@ -168,6 +168,14 @@ def solve(
     """
     if groups is None:
         groups = group_values(values, batch)
+    return solve_groups(groups, capacity, batch=batch, threshold=threshold)
+
+
+def solve_groups(
+    groups: np.ndarray, capacity: int, *, batch: int = DEFAULT_BATCH, threshold: int = 0
+) -> Split:
+    """`solve` from the group values alone ([L, n_ff/B], from `group_values`), e.g. when each
+    layer's groups were computed by a different worker."""
     if capacity < batch:
         raise InvalidSplitParameters(
             f"capacity = {capacity} neurons is less than one batch of {batch}: nothing fits on "
@@ -216,3 +224,11 @@ def given_split(values: np.ndarray, counts: Sequence[int], *, batch: int = DEFAU
     ordered = np.sort(values, axis=1)[:, ::-1]
     objective = float(sum(ordered[i, :c].sum() for i, c in enumerate(checked)))
     return Split(checked, objective, float(values.sum()), batch, None, 0, "given")
+
+
+def given_split_groups(groups: np.ndarray, counts: Sequence[int], *, batch: int) -> Split:
+    """`given_split` from the group values alone ([L, n_ff/B]); counts are multiples of batch."""
+    n_layers, n_groups = groups.shape
+    checked = check_counts(counts, n_layers=n_layers, n_ff=n_groups * batch, batch=batch)
+    objective = float(sum(groups[i, : c // batch].sum() for i, c in enumerate(checked)))
+    return Split(checked, objective, float(groups.sum()), batch, None, 0, "given")

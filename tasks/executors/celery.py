@@ -8,7 +8,7 @@ Canvas of a Megatron → TensorRT-LLM job (built by `plan`, which returns withou
       → [chord(build engine rank r, queue gpu)] → publish (manifest.json, last)
 
 Messages carry only the job id (and a rank); each task reads the spec and the inspected plan from
-the job record. Every task runs through `_run_step`, which records the step's state, progress,
+the job record. Every task runs through `run_step`, which records the step's state, progress,
 result and deliveries, ends the job FAILED with the first real error (so nothing depends on a
 chord body that never runs), and caps re-deliveries of a step whose worker keeps dying.
 """
@@ -60,7 +60,7 @@ def _message(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def _run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run one step of `job` with its bookkeeping; returns the step's result."""
     rec = records()
     state = rec.state(job)
@@ -127,14 +127,20 @@ def _inspected(record: dict[str, Any]) -> dict[str, Any]:
 
 @app.task(name="porter.plan")
 def plan(job: str) -> dict[str, Any]:
-    """Inspect the source (metadata only), check OUTPUT, and launch the job's canvas."""
+    """Inspect the source (metadata only), check OUTPUT, and launch the job's canvas (a PowerInfer
+    index job: `celery_powerinfer.plan_index`)."""
     rec = records()
     record = rec.get(job, steps=False)
     if record is None:
         raise Ignore()
-    spec, attempt = _spec(record), int(record["attempt"])
+    attempt = int(record["attempt"])
     if record["state"] not in TERMINAL:
         rec.start(job)
+    if record["kind"] == "powerinfer-index":
+        from tasks.executors.celery_powerinfer import plan_index
+
+        return plan_index(job, attempt)
+    spec = _spec(record)
 
     def inspect() -> dict[str, Any]:
         inspected = steps.inspect_source(spec)
@@ -145,7 +151,7 @@ def plan(job: str) -> dict[str, Any]:
         rec.update(job, inspected=inspected, source_digest=inspected["source_digest"])
         return {"committed": manifest is not None, "ranks": len(inspected["ranks"])}
 
-    result = _run_step(job, "inspect", inspect)
+    result = run_step(job, "inspect", inspect)
     if result["committed"]:  # converted before (same id): nothing to do
         rec.update(job, manifest_uri=_manifest_uri(spec))
         rec.finish(job, SUCCEEDED)
@@ -166,7 +172,7 @@ def reshard(job: str, rank: int) -> dict[str, Any]:
         raise Ignore()
     step = f"reshard:{rank}"
     tag = _inspected(record)["tag"]
-    return _run_step(
+    return run_step(
         job,
         step,
         lambda: steps.convert_rank_step(_spec(record), tag, rank, _progress(job, step)),
@@ -181,7 +187,7 @@ def assemble(job: str) -> dict[str, Any]:
     if record is None:
         raise Ignore()
     spec, inspected = _spec(record), _inspected(record)
-    result = _run_step(
+    result = run_step(
         job, "config", lambda: steps.write_config_step(spec, inspected["tag"], inspected)
     )
     if not spec.engines:
@@ -205,7 +211,7 @@ def build_engine(job: str, rank: int) -> dict[str, Any]:
         raise Ignore()
     spec, inspected = _spec(record), _inspected(record)
     world = len(inspected["ranks"])
-    return _run_step(
+    return run_step(
         job,
         f"engine:{rank}",
         lambda: build_engine_step(spec.output, job, rank, world, inspected["tag"]),
@@ -239,10 +245,11 @@ def publish(job: str) -> dict[str, Any]:
 
     def commit() -> dict[str, Any]:
         files = _published_files(job, len(inspected["ranks"]), spec.engines)
-        manifest = steps.publish_step(spec, job, inspected, files)
+        source = steps.source_summary(inspected)
+        manifest = steps.publish_step(spec, job, inspected["tag"], source, files)
         return {"files": len(manifest["files"]), "manifest_uri": _manifest_uri(spec)}
 
-    result = _run_step(job, "publish", commit)
+    result = run_step(job, "publish", commit)
     rec.update(job, manifest_uri=result["manifest_uri"])
     rec.finish(job, SUCCEEDED)
     return result

@@ -120,7 +120,7 @@ def run_conversion(
     try:
         results = _convert_ranks(spec, tag, inspected, count, on_progress)
         config = steps.write_config_step(spec, tag, inspected)
-        steps.publish_step(spec, job, inspected, [*results, config])
+        steps.publish_step(spec, job, tag, steps.source_summary(inspected), [*results, config])
     except BaseException:
         steps.remove_outputs(spec, job)
         if created_output:

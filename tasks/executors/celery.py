@@ -32,6 +32,7 @@ from converters.trtllm.convert import Progress
 from tasks import steps
 from tasks.jobs import ConvertSpec, output_tag, task_id
 from tasks.records import CANCELLED, FAILED, RUNNING, SUCCEEDED, TERMINAL, JobRecords
+from tasks.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -125,51 +126,70 @@ def _inspected(record: dict[str, Any]) -> dict[str, Any]:
     return record["inspected"]
 
 
+def job_record(job: str) -> dict[str, Any]:
+    """The job's record (without steps); a task of a job that no longer exists is dropped."""
+    record = records().get(job, steps=False)
+    if record is None:
+        raise Ignore()
+    return record
+
+
+def inspect_step(job: str, spec: Any, inspect: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run the job's `inspect` step: inspect the source, check OUTPUT, keep the result in the
+    record. The source may have changed since submission (e.g. fixed before a retry): the job
+    keeps its id, and its artifacts are tagged with the version actually read."""
+
+    def work() -> dict[str, Any]:
+        inspected = inspect()
+        inspected["job_id"], inspected["tag"] = job, output_tag(job, inspected["source_digest"])
+        manifest = steps.prepare_output(spec, job)
+        records().update(job, inspected=inspected, source_digest=inspected["source_digest"])
+        return {"committed": manifest is not None}
+
+    result = run_step(job, "inspect", work)
+    if result["committed"]:  # converted before (same id): nothing to do
+        records().update(job, manifest_uri=_manifest_uri(spec))
+        records().finish(job, SUCCEEDED)
+    return result
+
+
+def fan_out(
+    job: str, attempt: int, task: Any, name: str, count: int, body: Any, body_name: str,
+    queue: str | None = None,
+) -> None:  # fmt: skip
+    """Launch chord(`task`(job, i) for i < count) → `body`(job), with deterministic task ids."""
+    options = {"queue": queue} if queue else {}
+    header = [
+        task.si(job, i).set(task_id=task_id(job, f"{name}:{i}", attempt), **options)
+        for i in range(count)
+    ]
+    chord(header, body.si(job).set(task_id=task_id(job, body_name, attempt))).apply_async()
+
+
 @app.task(name="porter.plan")
 def plan(job: str) -> dict[str, Any]:
     """Inspect the source (metadata only), check OUTPUT, and launch the job's canvas (a PowerInfer
     index job: `celery_powerinfer.plan_index`)."""
-    rec = records()
-    record = rec.get(job, steps=False)
-    if record is None:
-        raise Ignore()
+    record = job_record(job)
     attempt = int(record["attempt"])
     if record["state"] not in TERMINAL:
-        rec.start(job)
+        records().start(job)
     if record["kind"] == "powerinfer-index":
         from tasks.executors.celery_powerinfer import plan_index
 
         return plan_index(job, attempt)
     spec = _spec(record)
-
-    def inspect() -> dict[str, Any]:
-        inspected = steps.inspect_source(spec)
-        # The source may have changed since submission (e.g. fixed before a retry): the job keeps
-        # its id, and its artifacts are tagged with the version actually read.
-        inspected["job_id"], inspected["tag"] = job, output_tag(job, inspected["source_digest"])
-        manifest = steps.prepare_output(spec, job)
-        rec.update(job, inspected=inspected, source_digest=inspected["source_digest"])
-        return {"committed": manifest is not None, "ranks": len(inspected["ranks"])}
-
-    result = run_step(job, "inspect", inspect)
-    if result["committed"]:  # converted before (same id): nothing to do
-        rec.update(job, manifest_uri=_manifest_uri(spec))
-        rec.finish(job, SUCCEEDED)
-        return result
-    header = [
-        reshard.si(job, r).set(task_id=task_id(job, f"reshard:{r}", attempt))
-        for r in range(result["ranks"])
-    ]
-    chord(header, assemble.si(job).set(task_id=task_id(job, "assemble", attempt))).apply_async()
+    result = inspect_step(job, spec, lambda: steps.inspect_source(spec))
+    if not result["committed"]:
+        ranks = len(job_record(job)["inspected"]["ranks"])
+        fan_out(job, attempt, reshard, "reshard", ranks, assemble, "assemble")
     return result
 
 
 @app.task(name="porter.reshard")
 def reshard(job: str, rank: int) -> dict[str, Any]:
     """Write target rank `rank` to OUTPUT."""
-    record = records().get(job, steps=False)
-    if record is None:
-        raise Ignore()
+    record = job_record(job)
     step = f"reshard:{rank}"
     tag = _inspected(record)["tag"]
     return run_step(
@@ -182,22 +202,15 @@ def reshard(job: str, rank: int) -> dict[str, Any]:
 @app.task(name="porter.assemble")
 def assemble(job: str) -> dict[str, Any]:
     """Write config.json, then build engines (gpu queue) or publish."""
-    rec = records()
-    record = rec.get(job, steps=False)
-    if record is None:
-        raise Ignore()
+    record = job_record(job)
     spec, inspected = _spec(record), _inspected(record)
     result = run_step(
         job, "config", lambda: steps.write_config_step(spec, inspected["tag"], inspected)
     )
     if not spec.engines:
         return publish(job)
-    attempt = int(record["attempt"])
-    header = [
-        build_engine.si(job, r).set(task_id=task_id(job, f"engine:{r}", attempt), queue=GPU_QUEUE)
-        for r in range(len(inspected["ranks"]))
-    ]
-    chord(header, publish.si(job).set(task_id=task_id(job, "publish", attempt))).apply_async()
+    ranks = len(inspected["ranks"])
+    fan_out(job, record["attempt"], build_engine, "engine", ranks, publish, "publish", GPU_QUEUE)
     return result
 
 
@@ -206,9 +219,7 @@ def build_engine(job: str, rank: int) -> dict[str, Any]:
     """Build the TensorRT-LLM engine of one rank (only on workers with TensorRT-LLM and a GPU)."""
     from tasks.engines import build_engine_step
 
-    record = records().get(job, steps=False)
-    if record is None:
-        raise Ignore()
+    record = job_record(job)
     spec, inspected = _spec(record), _inspected(record)
     world = len(inspected["ranks"])
     return run_step(
@@ -218,9 +229,7 @@ def build_engine(job: str, rank: int) -> dict[str, Any]:
     )
 
 
-def _manifest_uri(spec: ConvertSpec) -> str:
-    from tasks.store import open_store
-
+def _manifest_uri(spec: Any) -> str:
     return open_store(spec.output).uri(steps.MANIFEST)
 
 
@@ -234,22 +243,34 @@ def _published_files(job: str, world: int, engines: bool) -> list[dict[str, Any]
     return files
 
 
-@app.task(name="porter.publish")
-def publish(job: str) -> dict[str, Any]:
-    """Commit the job: check every file, write manifest.json last, mark the job SUCCEEDED."""
-    rec = records()
-    record = rec.get(job, steps=False)
-    if record is None:
-        raise Ignore()
-    spec, inspected = _spec(record), _inspected(record)
+def commit_job(
+    job: str, spec: Any, tag: str, source: dict[str, Any], files: Callable[[], list[dict]],
+    after: Callable[[], None] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The `publish` step: check `files()`, write manifest.json last, run `after` (cleanup of
+    intermediates), and mark the job SUCCEEDED."""
 
     def commit() -> dict[str, Any]:
-        files = _published_files(job, len(inspected["ranks"]), spec.engines)
-        source = steps.source_summary(inspected)
-        manifest = steps.publish_step(spec, job, inspected["tag"], source, files)
+        manifest = steps.publish_step(spec, job, tag, source, files())
+        if after:
+            after()
         return {"files": len(manifest["files"]), "manifest_uri": _manifest_uri(spec)}
 
     result = run_step(job, "publish", commit)
-    rec.update(job, manifest_uri=result["manifest_uri"])
-    rec.finish(job, SUCCEEDED)
+    records().update(job, manifest_uri=result["manifest_uri"])
+    records().finish(job, SUCCEEDED)
     return result
+
+
+@app.task(name="porter.publish")
+def publish(job: str) -> dict[str, Any]:
+    """Commit the job: check every file, write manifest.json last, mark the job SUCCEEDED."""
+    record = job_record(job)
+    spec, inspected = _spec(record), _inspected(record)
+    return commit_job(
+        job,
+        spec,
+        inspected["tag"],
+        steps.source_summary(inspected),
+        lambda: _published_files(job, len(inspected["ranks"]), spec.engines),
+    )

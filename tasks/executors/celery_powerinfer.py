@@ -11,48 +11,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import chord
-from celery.exceptions import Ignore
-
 from config.celery_app import app
 from tasks import powerinfer_steps as steps
-from tasks import steps as common
-from tasks.executors.celery import records, run_step
-from tasks.jobs import output_tag, task_id
+from tasks.executors.celery import commit_job, fan_out, inspect_step, job_record, records, run_step
 from tasks.powerinfer_index import IndexSpec
-from tasks.records import SUCCEEDED
-from tasks.store import open_store
 
 
 def _job(job: str) -> tuple[dict[str, Any], IndexSpec]:
-    record = records().get(job, steps=False)
-    if record is None:
-        raise Ignore()
+    record = job_record(job)
     return record, IndexSpec.from_dict(record["spec"])
 
 
 def plan_index(job: str, attempt: int) -> dict[str, Any]:
     """Inspect the activation files and launch the per-layer statistics chord."""
-    rec = records()
     _, spec = _job(job)
-
-    def inspect() -> dict[str, Any]:
-        inspected = steps.inspect_activations(spec)
-        inspected["job_id"], inspected["tag"] = job, output_tag(job, inspected["source_digest"])
-        manifest = common.prepare_output(spec, job)
-        rec.update(job, inspected=inspected, source_digest=inspected["source_digest"])
-        return {"committed": manifest is not None, "layers": len(inspected["layers"])}
-
-    result = run_step(job, "inspect", inspect)
-    if result["committed"]:
-        rec.update(job, manifest_uri=open_store(spec.output).uri(common.MANIFEST))
-        rec.finish(job, SUCCEEDED)
-        return result
-    header = [
-        layer_stats.si(job, layer).set(task_id=task_id(job, f"stats:{layer}", attempt))
-        for layer in range(result["layers"])
-    ]
-    chord(header, solve.si(job).set(task_id=task_id(job, "solve", attempt))).apply_async()
+    result = inspect_step(job, spec, lambda: steps.inspect_activations(spec))
+    if not result["committed"]:
+        layers = len(job_record(job)["inspected"]["layers"])
+        fan_out(job, attempt, layer_stats, "stats", layers, solve, "solve")
     return result
 
 
@@ -77,11 +53,7 @@ def solve(job: str) -> dict[str, Any]:
         return {"budgets": len(splits), "gpu_neurons": [sum(s["counts"]) for s in splits]}
 
     result = run_step(job, "solve", work)
-    header = [
-        top_k.si(job, layer).set(task_id=task_id(job, f"topk:{layer}", attempt))
-        for layer in range(len(inspected["layers"]))
-    ]
-    chord(header, assemble.si(job).set(task_id=task_id(job, "assemble", attempt))).apply_async()
+    fan_out(job, attempt, top_k, "topk", len(inspected["layers"]), assemble, "assemble")
     return result
 
 
@@ -109,16 +81,5 @@ def assemble(job: str) -> dict[str, Any]:
         return {"files": files}
 
     files = run_step(job, "assemble", build)["files"]
-
-    def commit() -> dict[str, Any]:
-        source = {"files": len(inspected["layers"]), "source_bytes": inspected["source_bytes"],
-                  "source_digest": inspected["source_digest"]}  # fmt: skip
-        manifest = common.publish_step(spec, job, tag, source, files)
-        steps.remove_work(spec, job)
-        uri = open_store(spec.output).uri(common.MANIFEST)
-        return {"files": len(manifest["files"]), "manifest_uri": uri}
-
-    result = run_step(job, "publish", commit)
-    records().update(job, manifest_uri=result["manifest_uri"])
-    records().finish(job, SUCCEEDED)
-    return result
+    source = {k: inspected[k] for k in ("source_bytes", "source_digest")}
+    return commit_job(job, spec, tag, source, lambda: files, lambda: steps.remove_work(spec, job))

@@ -1,8 +1,7 @@
 """Real servers for the distributed tests: a redis-server on loopback (AOF on) and Porter worker
 processes (`porter worker`, real Celery prefork workers) pointed at it and at moto's S3 server.
 
-Import the fixtures into a test module: ``from tests.cluster import cluster, redis_url  # noqa``
-(with ``from tests.s3_server import moto_s3, s3_env``).
+tests/conftest.py registers the fixtures `redis_url` and `cluster` for every test module.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Moto's S3 server over HTTP for tests: real boto3 requests to 127.0.0.1 on a free port.
 
 Use the `moto_s3` session fixture (the endpoint URL) and the `s3_env` fixture (sets boto3's
-standard environment for one test and yields a fresh bucket name). Import both into a test
-module or a conftest: ``from tests.s3_server import moto_s3, s3_env  # noqa: F401``.
+standard environment for one test and yields a fresh bucket name); tests/conftest.py registers
+both for every test module.
 """
 
 from __future__ import annotations

@@ -11,8 +11,7 @@ import urllib.request
 import pytest
 
 from tasks.megatron_example import Layout
-from tests.cluster import PORTER, cluster, free_port, redis_url  # noqa: F401
-from tests.s3_server import moto_s3, s3_env  # noqa: F401
+from tests.cluster import PORTER, free_port
 from tests.test_distributed import upload
 
 
@@ -25,7 +24,7 @@ def get(url: str) -> tuple[int, object]:
 
 
 @pytest.fixture
-def api(cluster):  # noqa: F811
+def api(cluster):
     port = free_port()
     proc = subprocess.Popen(
         [PORTER, "serve", "--port", str(port)],
@@ -46,7 +45,7 @@ def api(cluster):  # noqa: F811
     proc.wait(10)
 
 
-def test_status_api_reports_jobs_and_steps(api, cluster, s3_env, megatron):  # noqa: F811
+def test_status_api_reports_jobs_and_steps(api, cluster, s3_env, megatron):
     assert get(f"{api}/healthz") == (200, {"redis": "ok"})
     upload(megatron("gpt").paths[Layout("legacy", 2, 1)], f"s3://{s3_env}/ckpt")
     result = cluster.porter(

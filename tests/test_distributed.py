@@ -16,8 +16,6 @@ from tasks.jobs import ConvertSpec
 from tasks.megatron_example import Layout
 from tasks.records import JobRecords
 from tasks.store import open_store
-from tests.cluster import cluster, redis_url  # noqa: F401
-from tests.s3_server import moto_s3, s3_env  # noqa: F401
 
 LEGACY_TP2 = Layout("legacy", 2, 1)
 
@@ -44,7 +42,7 @@ def reference(source: Path, tmp_path: Path, tp: int) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in out.iterdir() if p.name != "manifest.json"}
 
 
-def submit(cluster, source: str, output: str, *extra: str) -> str:  # noqa: F811
+def submit(cluster, source: str, output: str, *extra: str) -> str:
     result = cluster.porter("submit", "megatron-trtllm", source, output, *extra)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()[0]
@@ -60,7 +58,7 @@ def wait_state(records: JobRecords, job: str, states: tuple[str, ...], timeout: 
     raise AssertionError(f"job {job} did not reach {states}: {records.get(job)}")
 
 
-def test_tp2_to_tp4_s3_to_s3_matches_porter_convert(cluster, s3_env, megatron, tmp_path):  # noqa: F811
+def test_tp2_to_tp4_s3_to_s3_matches_porter_convert(cluster, s3_env, megatron, tmp_path):
     source = megatron("llama").paths[LEGACY_TP2]
     upload(source, f"s3://{s3_env}/ckpt")
     result = cluster.porter(
@@ -104,7 +102,7 @@ def test_tp2_to_tp4_s3_to_s3_matches_porter_convert(cluster, s3_env, megatron, t
     assert job in cluster.porter("jobs").stdout
 
 
-def test_same_job_submitted_twice_concurrently_converts_once(cluster, s3_env, megatron):  # noqa: F811
+def test_same_job_submitted_twice_concurrently_converts_once(cluster, s3_env, megatron):
     upload(megatron("gpt").paths[LEGACY_TP2], f"s3://{s3_env}/ckpt")
     args = ("submit", "megatron-trtllm", f"s3://{s3_env}/ckpt", f"s3://{s3_env}/out", "--tp", "2")
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
@@ -137,7 +135,7 @@ def _break_shard(checkpoint: Path, tmp_path: Path) -> Path:
     return broken
 
 
-def test_failing_rank_fails_the_job_and_retry_completes_it(cluster, s3_env, megatron, tmp_path):  # noqa: F811
+def test_failing_rank_fails_the_job_and_retry_completes_it(cluster, s3_env, megatron, tmp_path):
     good = megatron("llama").paths[LEGACY_TP2]
     upload(_break_shard(good, tmp_path), f"s3://{s3_env}/ckpt")
     job = submit(cluster, f"s3://{s3_env}/ckpt", f"s3://{s3_env}/out", "--tp", "4")
@@ -164,7 +162,7 @@ def test_failing_rank_fails_the_job_and_retry_completes_it(cluster, s3_env, mega
     assert got == reference(good, tmp_path, 4)
 
 
-def test_tp1_single_rank_job(cluster, s3_env, megatron, tmp_path):  # noqa: F811
+def test_tp1_single_rank_job(cluster, s3_env, megatron, tmp_path):
     source = megatron("gpt").paths[Layout("legacy", 1, 2)]
     upload(source, f"s3://{s3_env}/ckpt")
     result = cluster.porter(
@@ -178,7 +176,7 @@ def test_tp1_single_rank_job(cluster, s3_env, megatron, tmp_path):  # noqa: F811
     assert got == reference(source, tmp_path, 1)
 
 
-def test_submit_of_a_bad_source_fails_clearly(cluster, s3_env):  # noqa: F811
+def test_submit_of_a_bad_source_fails_clearly(cluster, s3_env):
     result = cluster.porter(
         "submit",
         "megatron-trtllm",
@@ -191,7 +189,7 @@ def test_submit_of_a_bad_source_fails_clearly(cluster, s3_env):  # noqa: F811
     assert f"s3://{s3_env}/nothing-here" in result.stderr
 
 
-def test_cancel_mid_job_stops_the_ranks_and_publishes_nothing(cluster, s3_env, megatron, tmp_path):  # noqa: F811
+def test_cancel_mid_job_stops_the_ranks_and_publishes_nothing(cluster, s3_env, megatron, tmp_path):
     upload(megatron("llama").paths[LEGACY_TP2], f"s3://{s3_env}/ckpt")
     records = JobRecords(cluster.redis_url)
     job = submit(cluster, f"s3://{s3_env}/ckpt", f"s3://{s3_env}/out", "--tp", "8")
@@ -224,7 +222,7 @@ def test_cancel_mid_job_stops_the_ranks_and_publishes_nothing(cluster, s3_env, m
     assert cluster.porter("cancel", job).returncode == 1  # already ended
 
 
-def test_engines_are_built_per_rank_on_the_gpu_queue(cluster, s3_env, megatron, tmp_path):  # noqa: F811
+def test_engines_are_built_per_rank_on_the_gpu_queue(cluster, s3_env, megatron, tmp_path):
     """The engine chord with a stand-in for the TensorRT-LLM builder executable (no GPU here).
 
     The gpu worker is started as a plain Celery worker because `porter worker --queues gpu`
@@ -257,7 +255,7 @@ def test_engines_are_built_per_rank_on_the_gpu_queue(cluster, s3_env, megatron, 
     assert record["steps"]["engine:0"]["state"] == "SUCCEEDED"
 
 
-def test_porter_convert_runs_the_same_steps_on_s3(s3_env, megatron, tmp_path, capsys):  # noqa: F811
+def test_porter_convert_runs_the_same_steps_on_s3(s3_env, megatron, tmp_path, capsys):
     """The local executor takes s3:// in and out too (no servers), with the same bytes."""
     from tasks.cli import main
 

@@ -14,8 +14,6 @@ from converters.powerinfer.solver import solve
 from tasks.cli import main
 from tasks.records import JobRecords
 from tasks.store import open_store
-from tests.cluster import cluster, redis_url  # noqa: F401
-from tests.s3_server import moto_s3, s3_env  # noqa: F401
 from tests.test_distributed import download, upload, wait_state
 
 LAYERS, N_FF = 12, 1024  # more than 10 layers: blk.i must come from activation_i
@@ -37,7 +35,7 @@ def activations(tmp_path) -> tuple[Path, np.ndarray]:
     return directory, values.astype(np.float32).astype(np.float64)
 
 
-def test_index_job_s3_to_s3_equals_porter_convert(cluster, s3_env, activations, tmp_path):  # noqa: F811
+def test_index_job_s3_to_s3_equals_porter_convert(cluster, s3_env, activations, tmp_path):
     directory, values = activations
     upload(directory, f"s3://{s3_env}/acts")
     args = ("submit", "powerinfer-index", f"s3://{s3_env}/acts", f"s3://{s3_env}/idx", *BUDGETS)
@@ -78,7 +76,7 @@ def test_bad_layer_fails_the_job_naming_the_object_and_retry_completes(
     cluster,
     s3_env,
     activations,
-    tmp_path,  # noqa: F811
+    tmp_path,
 ):
     directory, _ = activations
     upload(directory, f"s3://{s3_env}/acts")
@@ -101,7 +99,7 @@ def test_bad_layer_fails_the_job_naming_the_object_and_retry_completes(
     assert open_store(f"s3://{s3_env}/idx").get_json("manifest.json")["job_id"] == job
 
 
-def test_missing_layer_is_refused_at_submit(cluster, s3_env, activations):  # noqa: F811
+def test_missing_layer_is_refused_at_submit(cluster, s3_env, activations):
     directory, _ = activations
     (directory / "activation_4.pt").unlink()
     upload(directory, f"s3://{s3_env}/acts")

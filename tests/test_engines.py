@@ -21,7 +21,6 @@ from converters.errors import ConversionError
 from tasks import engines
 from tasks.engines import build_engine_step, engine_builder_problem, option_args
 from tasks.store import ArtifactStore, open_store
-from tests.s3_server import moto_s3, s3_env  # noqa: F401
 
 FAKE = Path(__file__).with_name("fake_trtllm_build.py")
 WORLD = 2
@@ -147,7 +146,7 @@ def test_rerun_with_same_tag_does_not_build_again(calls, local_out):
     assert open_store(local_out).stat("engines/rank0.engine").tag == "tag-b"
 
 
-def test_s3_store_over_http(calls, scratch, s3_env, tmp_path):  # noqa: F811
+def test_s3_store_over_http(calls, scratch, s3_env, tmp_path):
     uri = f"s3://{s3_env}/jobs/job1"
     store = open_store(uri)
     write_checkpoint(store, tmp_path / "ckpt")

@@ -23,9 +23,6 @@ from converters.trtllm.convert import convert_rank
 from converters.trtllm.plan import Target, estimate_rank
 from tasks import sources
 from tasks.megatron_example import Layout
-from tests import s3_server
-
-moto_s3, s3_env = s3_server.moto_s3, s3_server.s3_env  # the fixtures
 
 LEGACY_TP2 = Layout("legacy", 2, 1)
 LEGACY_PP2 = Layout("legacy", 1, 2)

@@ -20,9 +20,6 @@ from tasks.store import (
     default_transfer_config,
     open_store,
 )
-from tests import s3_server
-
-moto_s3, s3_env = s3_server.moto_s3, s3_server.s3_env  # the fixtures
 
 PART = 5 * MiB  # S3's smallest part size
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -366,7 +367,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConversionError as exc:
         print(f"porter: error: {exc}", file=sys.stderr)
         return 1
-    except (OSError, RuntimeError, ValueError, redis.RedisError) as exc:
+    except redis.RedisError as exc:
+        if os.environ.get("PORTER_DEBUG"):
+            raise
+        from config.settings import Settings
+
+        url = re.sub(r"//[^@/]*@", "//***@", Settings.from_env().redis_url)  # no password
+        print(f"porter: error: Redis at {url} (PORTER_REDIS_URL): {exc}", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError, ValueError) as exc:
         if os.environ.get("PORTER_DEBUG"):
             raise
         print(f"porter: error: {exc}".splitlines()[0], file=sys.stderr)

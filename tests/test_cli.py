@@ -66,3 +66,13 @@ def test_plan_predicts_bytes_written(capsys, megatron, tmp_path):
         header = struct.unpack("<Q", data[:8])[0]
         written = f"{(len(data) - 8 - header) / 1024:.2f}"
         assert row[3] == written, (row, written)  # "writes" column, KiB
+
+
+def test_unreachable_redis_is_one_line_naming_it_without_the_password(capsys, monkeypatch):
+    from tests.cluster import free_port
+
+    monkeypatch.setenv("PORTER_REDIS_URL", f"redis://:hunter2@127.0.0.1:{free_port()}/0")
+    assert main(["status", "some-job"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("porter: error: Redis at redis://***@")
+    assert "hunter2" not in err and "PORTER_REDIS_URL" in err

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -388,6 +389,32 @@ def default_transfer_config(
     )
 
 
+_CLIENTS: dict[tuple, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _s3_client(pool: int) -> Any:
+    """A boto3 S3 client from the standard configuration, shared by this process's stores.
+
+    Building one costs about 0.1 s (botocore loads its service model for every new session), so
+    clients are reused: per process (never across a fork), per connection-pool size and per
+    `AWS_*` environment (a changed endpoint or credentials gets a new client)."""
+    key = (
+        os.getpid(),
+        pool,
+        tuple(sorted(kv for kv in os.environ.items() if kv[0].startswith("AWS_"))),
+    )
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(max_pool_connections=pool, retries={"mode": "standard"})
+            client = _CLIENTS[key] = boto3.session.Session().client("s3", config=config)
+    return client
+
+
 class S3Store:
     """Artifacts as objects under ``s3://bucket/prefix``.
 
@@ -402,13 +429,8 @@ class S3Store:
         self.prefix = check_key(prefix.strip("/"), prefix=True) if prefix else ""
         self.transfer_config = transfer_config or default_transfer_config()
         if client is None:
-            import boto3
-            from botocore.config import Config
-
             pool = max(10, getattr(self.transfer_config, "max_concurrency", 10) + 2)
-            client = boto3.session.Session().client(
-                "s3", config=Config(max_pool_connections=pool, retries={"mode": "standard"})
-            )
+            client = _s3_client(pool)
         self.client = client
         self._bucket_ok = False
 

@@ -64,10 +64,12 @@ OVERHEAD_WORKERS = 2
 SCALING_SHAPE = ModelShape(num_layers=4, hidden_size=1024, ffn_hidden_size=2816)
 # Test-only knobs of tests.cluster.worker_env: the benchmark runs with Porter's defaults.
 _TEST_KNOBS = ("PORTER_UNACKED_RESTORE_INTERVAL", "PORTER_UNACKED_RESTORE_THROTTLE",
-               "PORTER_PROGRESS_INTERVAL")  # fmt: skip
+               "PORTER_PROGRESS_INTERVAL", "PORTER_FETCH_COALESCE_BYTES")  # fmt: skip
 MiB, GiB = 1 << 20, 1 << 30
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # werkzeug colours some request lines
 _REQUEST = re.compile(r'"([A-Z]+) \S+ HTTP/[\d.]+" (\d{3})')  # werkzeug's request log line
 KINDS = ("convert", "queue")
+QUIET_WAIT_S = 120  # at most this long, before each scaling configuration, for an idle machine
 
 
 def porter_bin() -> str:
@@ -95,9 +97,27 @@ def _cpu(proc: psutil.Process, children: bool = True) -> float:
 
 
 def _busy() -> float:
-    """CPU seconds all cores spent not idle, since boot."""
+    """CPU seconds all cores spent working (not idle, not waiting for I/O, not stolen by the
+    hypervisor), since boot."""
     t = psutil.cpu_times()
-    return t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+    return t.user + t.nice + t.system + t.irq + t.softirq
+
+
+def _steal() -> float:
+    """CPU seconds the hypervisor gave to others while this machine wanted to run."""
+    return getattr(psutil.cpu_times(), "steal", 0.0)
+
+
+def wait_for_quiet(limit_s: float, busy_cores: float = 0.3, window_s: float = 3.0) -> float:
+    """Wait (at most `limit_s`) until the machine is nearly idle: fewer than `busy_cores` cores
+    busy over `window_s`. Other people's jobs on a shared machine would otherwise land in the
+    measurements. Returns the seconds waited."""
+    t0 = time.monotonic()
+    while True:
+        before = _busy()
+        time.sleep(window_s)
+        if (_busy() - before) / window_s < busy_cores or time.monotonic() - t0 > limit_s:
+            return time.monotonic() - t0
 
 
 def _waited_children() -> float:
@@ -136,6 +156,7 @@ class CpuMeter:
         snap["bench"] = me.user + me.system
         snap["client"] = _waited_children()
         snap["busy"] = _busy()
+        snap["steal"] = _steal()
         return snap
 
     def __enter__(self) -> CpuMeter:
@@ -147,7 +168,7 @@ class CpuMeter:
         end = self._snapshot()
         end_all = self._all()
         self.seconds = {k: end[k] - self.start[k] for k in end}
-        mine = sum(v for k, v in self.seconds.items() if k != "busy")
+        mine = sum(v for k, v in self.seconds.items() if k not in ("busy", "steal"))
         self.seconds["other"] = max(0.0, self.seconds["busy"] - mine)
         # The largest other consumers still alive at the end (short-lived ones are missed).
         others: dict[str, float] = {}
@@ -251,7 +272,7 @@ class Servers:
         self._log_offset += end
         counts: dict[str, int] = {}
         for line in data[:end].decode(errors="replace").splitlines():
-            m = _REQUEST.search(line)
+            m = _REQUEST.search(_ANSI.sub("", line))
             if m:
                 key = f"{m.group(1)} {m.group(2)}"
                 counts[key] = counts.get(key, 0) + 1
@@ -273,16 +294,15 @@ class Servers:
 
 def start_workers(servers: Servers, count: int, name: str) -> tuple[Cluster, list[Path]]:
     """`count` fresh `porter worker --queues cpu --concurrency 1` processes, each with its own
-    empty source cache."""
+    empty source cache (tests.cluster gives worker i the cache CACHE/worker-i)."""
     logs = servers.work / "logs" / name
     logs.mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(servers.redis_url, dict(servers.env), logs)
-    caches = []
-    for i in range(count):
-        cache = servers.work / "cache" / name / f"worker-{i}"
+    root = servers.work / "cache" / name
+    caches = [root / f"worker-{i}" for i in range(count)]
+    for cache in caches:
         _empty(cache)
-        caches.append(cache)
-        cluster.env = {**servers.env, "PORTER_CACHE_DIR": str(cache)}
+    cluster = Cluster(servers.redis_url, dict(servers.env), logs, root)
+    for _ in range(count):
         cluster.start_worker("cpu", 1)
     try:
         cluster.wait_for_workers(count)
@@ -328,13 +348,15 @@ def _run(
     time.sleep(0.5)
     servers.moto_requests()  # start counting here
     with CpuMeter(groups) as meter:
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=900)
-        wall = time.perf_counter() - t0
+        wall, ended = time.perf_counter() - t0, time.time()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return {
         "wall_s": wall,
+        "started": started,  # wall clock, to line up with the job record's timestamps
+        "ended": ended,
         "cpu": meter.seconds,
         "other_processes": meter.others,
         "requests": servers.moto_requests(),
@@ -356,6 +378,15 @@ def run_convert(
     return res
 
 
+def run_plan(
+    source: str, servers: Servers, groups: dict[str, list[int]], cache: Path
+) -> dict[str, Any]:
+    """`porter plan` (metadata only, as the inspect step reads it), with an empty source cache."""
+    _empty(cache)
+    cmd = [porter_bin(), "plan", "megatron-trtllm", source, "--tp", str(TP)]
+    return _run(cmd, {**servers.env, "PORTER_CACHE_DIR": str(cache)}, groups, servers)
+
+
 def run_submit(
     source: str, dest: str, servers: Servers, groups: dict[str, list[int]], caches: list[Path]
 ) -> dict[str, Any]:
@@ -373,6 +404,10 @@ def run_submit(
     res["job"] = job
     res["job_s"] = float(record["finished"]) - float(record["created"])
     res["queued_s"] = float(record["started"]) - float(record["created"])
+    # the client's own part: start-up until the record exists, and job end until it exits
+    res["before_s"] = float(record["created"]) - res["started"]
+    res["after_s"] = res["ended"] - float(record["finished"])
+    res["inspect_worker"] = record["steps"]["inspect"].get("worker")
     planned = {r["rank"]: r for r in record["inspected"]["ranks"]}
     res["source_bytes"] = record["inspected"]["source_bytes"]
     res["ranks"] = []
@@ -389,6 +424,7 @@ def run_submit(
                 "planned_read": int(planned[r]["bytes_read"]),
                 "bytes_written": int(step.get("bytes_written") or 0),
                 "deliveries": int(step.get("deliveries") or 0),
+                "sha256": step.get("sha256"),
             }
         )
     res["steps"] = {
@@ -445,6 +481,8 @@ def overhead(servers: Servers, work: Path, runs: int) -> dict[str, Any]:
             "queue": [r["wall_s"] for r in queue],
             "job": [r["job_s"] for r in queue],
             "queued": [r["queued_s"] for r in queue],
+            "before": [r["before_s"] for r in queue],
+            "after": [r["after_s"] for r in queue],
             "rank_step": [statistics.median(x["step_s"] for x in r["ranks"]) for r in queue],
             "cpu_convert": _median_cpu(conv),
             "cpu_queue": _median_cpu(queue),
@@ -583,8 +621,12 @@ def scaling(servers: Servers, work: Path) -> dict[str, Any]:
         "small_get_s": _small_get(f"s3://{servers.bucket}/small", small, small_objects[small]),
     }
     _say(f"  uploaded {uploaded / GiB:.2f} GiB in {upload_s:.1f} s; probe {probe}")
+    plan = run_plan(s3_src, servers, groups, work / "cache" / "plan")
+    _say(f"  porter plan (s3, metadata only) {plan['wall_s']:.2f} s, {plan['requests']}")
     configs: dict[int, dict[str, Any]] = {}
+    waited = {}
     for n in SCALING_WORKERS:
+        waited[n] = wait_for_quiet(QUIET_WAIT_S)
         cluster, caches = start_workers(servers, n, f"scaling-{n}")
         g = {**groups, "workers": [w.pid for w in cluster.workers]}
         try:
@@ -609,8 +651,10 @@ def scaling(servers: Servers, work: Path) -> dict[str, Any]:
         "upload_s": upload_s,
         "upload_cpu": meter.seconds,
         "probe": probe,
+        "plan": plan,
         "configs": configs,
         "convert_s3": conv,
+        "waited_s": waited,
     }
 
 
@@ -651,7 +695,8 @@ def report(res: dict[str, Any], mach: dict[str, Any], command: str, total_s: flo
         "workers and the client — ran on this one machine, so the workers share its "
         f"{cores} cores with each other and with the S3 server.",
         "",
-        "How to run (about 10 minutes here): `" + command + "`",
+        "How to run: `" + command + "` (needs `redis-server` and the dev extras; "
+        "writes this section).",
         "",
         "**CPU columns** are CPU seconds (user + system) used during the run by: the client "
         "command (`porter convert` and its rank processes, or `porter submit --wait`) / the "
@@ -671,16 +716,17 @@ def report(res: dict[str, Any], mach: dict[str, Any], command: str, total_s: flo
         "every run writes a fresh DEST, and runs reading s3:// start with empty source caches.",
         "",
         "| source → DEST | `porter convert` s | `porter submit --wait` s | queue overhead s "
-        "| job record s (created → finished) | of which queued s (created → plan started) "
+        "| submit: start-up → job created / job (created → finished) / finished → exit s "
         "| CPU convert | CPU queue |",
-        "|---|---:|---:|---:|---:|---:|---|---|",
+        "|---|---:|---:|---:|---|---|---|",
     ]
     for where, label in (("local", "local path → local path"), ("s3", "s3 → s3 (moto)")):
         r = ov["rows"][where]
         c, q = statistics.median(r["convert"]), statistics.median(r["queue"])
         lines.append(
-            f"| {label} | {c:.2f} | {q:.2f} | {q - c:+.2f} | {statistics.median(r['job']):.2f} "
-            f"| {statistics.median(r['queued']):.2f} | {_fmt_cpu(r['cpu_convert'], CPU_KEYS)} "
+            f"| {label} | {c:.2f} | {q:.2f} | {q - c:+.2f} "
+            f"| {statistics.median(r['before']):.2f} / {statistics.median(r['job']):.2f} / "
+            f"{statistics.median(r['after']):.2f} | {_fmt_cpu(r['cpu_convert'], CPU_KEYS)} "
             f"| {_fmt_cpu(r['cpu_queue'], CPU_KEYS)} |"
         )
     lines += ["", "All runs (s):", ""]
@@ -703,19 +749,25 @@ def report(res: dict[str, Any], mach: dict[str, Any], command: str, total_s: flo
         f"Where a tiny s3 job's time goes: the same s3 → s3 conversion run in one process "
         f"(`run_conversion`, one worker) under cProfile took {ov['profile']['wall_s']:.2f} s, of "
         f"which {ov['profile']['open_store_s']:.2f} s were spent in "
-        f"{ov['profile']['open_store_calls']} calls of `tasks.store.open_store` (each S3 store "
-        "builds a new boto3 session and client); "
-        f"{ov['profile']['json_decode_s']:.2f} s of the whole run were JSON decoding, which is "
-        "how botocore loads its service models for each new session.",
+        f"{ov['profile']['open_store_calls']} calls of `tasks.store.open_store` (constructing "
+        "S3 stores and their boto3 clients), and "
+        f"{ov['profile']['json_decode_s']:.2f} s in JSON decoding (botocore reads its service "
+        "models from JSON when it creates a session's first client).",
         "",
         "Requests moto answered per s3 → s3 run (median): `porter convert` "
         f"{ov['rows']['s3']['requests']['convert']:.0f}, `porter submit --wait` "
         f"{ov['rows']['s3']['requests']['queue']:.0f}.",
         "",
-        "- *Queue overhead* is the difference of the medians. `porter submit --wait` polls the job "
-        "record every 0.5 s, so up to 0.5 s of its wall time is polling granularity; the job "
-        "record column is the server-side time (client's `created` to the publish step's "
-        "`finished`, same machine clock).",
+        "- *Queue overhead* is the difference of the medians. The submit columns split "
+        "`porter submit --wait`'s wall time with the job record's timestamps (same machine "
+        "clock): the client's start-up (Python, imports, listing the source) until it creates "
+        "the record; the job itself, server side; and from the publish step's end until the "
+        "client exits (`--wait` polls the record every 0.5 s). The first task started "
+        + ", ".join(
+            f"{statistics.median(ov['rows'][w]['queued']) * 1000:.0f} ms ({w})"
+            for w in ("local", "s3")
+        )
+        + " after the record was created (median).",
     ]
     if sc:
         lines += scaling_report(sc, cores)
@@ -755,6 +807,10 @@ def scaling_report(sc: dict[str, Any], cores: int) -> list[str]:
         "",
         "Workers were restarted between configurations, each with its own empty source cache "
         "(as separate machines would be); ranks that run on the same worker share its cache. "
+        f"Before each configuration the script waited for the machine to be nearly idle (at "
+        f"most {QUIET_WAIT_S} s; waited "
+        + ", ".join(f"{w:.0f} s" for w in sc["waited_s"].values())
+        + "). "
         "Wall = `porter submit --wait` from start to exit; job = the record's created → "
         "finished; inspect = the metadata-only `inspect` step. *Rank steps* = each "
         "`reshard:r` step's started → finished (fetch + convert + upload + bookkeeping); "
@@ -817,13 +873,25 @@ def scaling_report(sc: dict[str, Any], cores: int) -> list[str]:
         )
         + ".",
     ]  # fmt: skip
+    digests = {
+        tuple(x["sha256"] for x in r["ranks"]) for cfg in configs.values() for r in cfg.values()
+    }
+    lines += [
+        "",
+        "Output check: the rank files' sha256 (from the job records) are "
+        + (
+            f"the same in all {2 * len(configs)} runs ({len(configs)} worker counts, s3 and local)."
+            if len(digests) == 1
+            else f"**not** the same across runs ({len(digests)} different sets)."
+        ),
+    ]
     lines += where_time_goes(sc, cores)
     return lines
 
 
 def where_time_goes(sc: dict[str, Any], cores: int) -> list[str]:
     """Observations computed from the measurements (no numbers that were not measured)."""
-    configs, probe = sc["configs"], sc["probe"]
+    configs, probe, plan = sc["configs"], sc["probe"], sc["plan"]
     ns = list(configs)
     s3 = {n: configs[n]["s3"] for n in ns}
     local = {n: configs[n]["local"] for n in ns}
@@ -857,12 +925,31 @@ def where_time_goes(sc: dict[str, Any], cores: int) -> list[str]:
         + ", ".join(f"{_gets(s3[n])} ({n} worker(s))" for n in ns)
         + ". The metadata-only `inspect` step took "
         + ", ".join(f"{s3[n]['steps'].get('inspect', 0.0):.1f} s" for n in ns)
-        + ": fetching a legacy rank file's metadata (central directory, `data.pkl`, and the "
-        "30-byte local header of every storage record, optimizer state included) is many "
-        "small GETs, each paying moto's whole-object read. Every worker repeats that metadata "
-        "fetch for its own cache, so more workers mean more GETs on the same single-process "
-        "server.",
+        + f". `porter plan` on the s3 source (metadata only, what `inspect` reads; empty "
+        f"cache) took {plan['wall_s']:.1f} s and {_gets(plan)} ranged GETs, moto "
+        f"{plan['cpu']['moto']:.1f} CPU s: a legacy rank file's metadata (central directory, "
+        "`data.pkl`, the local header of every storage record, optimizer state included) "
+        "comes in many small GETs, and each pays moto's whole-object read. A rank step fetches "
+        "the metadata again into its worker's cache when it is not there, so each additional "
+        "worker repeats it.",
     ]
+    split = []
+    for n in ns:
+        r = s3[n]
+        same = [x["step_s"] for x in r["ranks"] if x["worker"] == r["inspect_worker"]]
+        other = [x["step_s"] for x in r["ranks"] if x["worker"] != r["inspect_worker"]]
+        part = f"{n} worker(s): on the worker that ran `inspect` " + (
+            f"{max(same):.1f} s" if same else "none"
+        )
+        if other:
+            part += f", on the others {max(other):.1f} s"
+        split.append(part)
+    lines.append(
+        "- Slowest s3 rank step, by where it ran: " + "; ".join(split) + f". (`porter plan` "
+        f"alone: {_gets(plan)} ranged GETs; jobs: "
+        + ", ".join(f"{_gets(s3[n])} with {n} worker(s)" for n in ns)
+        + ".)"
+    )
     others: dict[str, float] = {}
     for cfg in configs.values():
         for r in cfg.values():
@@ -879,7 +966,8 @@ def where_time_goes(sc: dict[str, Any], cores: int) -> list[str]:
             else ""
         )
         + " (everything this benchmark did not start: kernel threads, other users' processes "
-        "on this shared machine)."
+        "on this shared machine)." + f" CPU time stolen by the hypervisor over the same runs: "
+        f"{sum(r['cpu'].get('steal', 0.0) for cfg in configs.values() for r in cfg.values()):.1f} s."
     )
     return lines
 
@@ -904,37 +992,50 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "PERFORMANCE.md")
     ap.add_argument("--no-doc", action="store_true", help="print results, leave the doc alone")
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
+    ap.add_argument(
+        "--from-json", type=Path, help="only write the report from an earlier run's results"
+    )
     a = ap.parse_args(argv)
+    if a.from_json:
+        res = json.loads(a.from_json.read_text())
+    else:
+        res = measure_all(a.runs, a.skip_scaling, a.keep)
+    command = ".venv/bin/python bench/run_distributed.py" + (
+        f" --runs {res['runs']}" if res["runs"] != 5 else ""
+    )
+    text = report(res, res["machine"], command, res["total_s"])
+    if not a.no_doc:
+        replace_section(a.doc, SECTION, text)
+        _say(f"wrote {a.doc}")
+    print(text)
+    return 0
+
+
+def measure_all(runs: int, skip_scaling: bool, keep: bool) -> dict[str, Any]:
+    """Both parts; the results are also saved as bench/out/distributed-*.json."""
     t_start = time.perf_counter()
     parent = BENCH / "out"
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="distributed-", dir=parent))
     _say(f"work directory: {work}")
     servers = Servers(work)
-    res: dict[str, Any] = {"versions": versions()}
+    res: dict[str, Any] = {"versions": versions(), "machine": machine(), "runs": runs}
     try:
         servers.start()
         _say("part 1: queue overhead")
-        res["overhead"] = overhead(servers, work, a.runs)
-        if not a.skip_scaling:
+        res["waited_s"] = wait_for_quiet(QUIET_WAIT_S)
+        res["overhead"] = overhead(servers, work, runs)
+        if not skip_scaling:
             _say("part 2: scaling")
             res["scaling"] = scaling(servers, work)
     finally:
         servers.stop()
+        res["total_s"] = time.perf_counter() - t_start
         # the raw numbers, next to (not inside) the work directory, which may be deleted
         (parent / f"{work.name}.json").write_text(json.dumps(res, indent=1, default=str))
-        if not a.keep:
+        if not keep:
             shutil.rmtree(work, ignore_errors=True)
-    total = time.perf_counter() - t_start
-    command = ".venv/bin/python bench/run_distributed.py" + (
-        f" --runs {a.runs}" if a.runs != 5 else ""
-    )
-    text = report(res, machine(), command, total)
-    if not a.no_doc:
-        replace_section(a.doc, SECTION, text)
-        _say(f"wrote {a.doc}")
-    print(text)
-    return 0
+    return res
 
 
 if __name__ == "__main__":

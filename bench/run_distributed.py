@@ -918,9 +918,10 @@ def where_time_goes(sc: dict[str, Any], cores: int) -> list[str]:
         + f": it is the bottleneck here. Its cost per ranged GET grows with the object's size: "
         f"a 16 MiB range of the {probe['big_key_bytes'] / MiB:.0f} MiB rank object took "
         f"{probe['big_s']:.3f} s (mean of 4), a whole {probe['small_key_bytes'] / MiB:.2f} MiB "
-        f"object {probe['small_get_s']:.3f} s. (moto 5.2's `FakeKey.value` reads the whole "
-        "object, under the key's lock, for every GET, and the range is cut from that.) So the "
-        "s3 wall times here measure moto on this box, not S3.",
+        f"object {probe['small_get_s']:.3f} s. (For every GET, moto 5.2 builds the whole object "
+        "as the response body — `FakeKey.value` reads it all, under the key's lock — and "
+        "`_handle_range_header` then cuts the range from it.) So the s3 wall times here "
+        "measure moto on this box, not S3.",
         "- Ranged GETs per job: "
         + ", ".join(f"{_gets(s3[n])} ({n} worker(s))" for n in ns)
         + ". The metadata-only `inspect` step took "

@@ -42,6 +42,12 @@ class Settings:
     cache_dir: str = ""
     # Missing byte ranges of a source object closer than this are fetched with one GET.
     fetch_coalesce_bytes: int = 2**20
+    # A running step writes a heartbeat this often (seconds)...
+    heartbeat_interval: float = 5.0
+    # ...and one silent for this long, whose worker does not answer a ping, is queued again at
+    # once (instead of after the visibility timeout) by the reaper in the workers.
+    stale_after: float = 30.0
+    reaper_interval: float = 10.0
     # Seconds between progress writes of a running step.
     progress_interval: float = 0.5
 

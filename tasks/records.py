@@ -6,7 +6,9 @@ Keys (prefix `porter:`):
 - `job:{id}:steps` (sorted set): step names in the order they were first seen.
 - `job:{id}:step:{name}` (hash): state, done, total, started, finished, seconds, deliveries,
   worker, error and the step's result fields (bytes_read, bytes_written, sha256, ...).
-- `jobs` (sorted set): job ids by creation time.
+- `jobs` (sorted set): job ids by creation time; `running` (set): jobs in RUNNING, for the reaper.
+- A running step's hash also holds `heartbeat` (unix s, refreshed every few seconds) and `node`
+  (the Celery worker running it), which the reaper uses to find steps whose worker died.
 
 Writes that only report progress are best-effort (`quiet=True`): a Redis restart must not fail a
 step that is otherwise fine (pipeline spec).
@@ -117,7 +119,10 @@ class JobRecords:
 
     def start(self, job: str) -> None:
         """Mark the job RUNNING (its plan step began)."""
-        self.redis.hset(self._job(job), mapping=_encode({"state": RUNNING, "started": time.time()}))
+        pipe = self.redis.pipeline()
+        pipe.hset(self._job(job), mapping=_encode({"state": RUNNING, "started": time.time()}))
+        pipe.sadd(f"{_PREFIX}running", job)
+        pipe.execute()
 
     def new_attempt(self, job: str) -> int:
         """Queue the job again (retry): PENDING, error cleared, attempt counted; returns it."""
@@ -132,13 +137,42 @@ class JobRecords:
         """End the job in `state` unless it already ended; True if this call ended it."""
         now = json.dumps(time.time())
         done = bool(self._finish(keys=[self._job(job)], args=[state, error, now]))
-        if done and self.ttl:
-            self.redis.expire(self._job(job), self.ttl)
+        if done:
+            self._ended(job)
         return done
 
     def force_state(self, job: str, state: str, error: str = "") -> None:
         """Set the state whatever it was (cancel, retry)."""
         self.redis.hset(self._job(job), mapping=_encode({"state": state, "error": error}))
+        if state in TERMINAL:
+            self._ended(job)
+
+    def _ended(self, job: str) -> None:
+        """The job ended: not running any more; its keys expire after the TTL."""
+        self.redis.srem(f"{_PREFIX}running", job)
+        if self.ttl:
+            names = self.redis.zrange(f"{self._job(job)}:steps", 0, -1)
+            keys = [self._job(job), f"{self._job(job)}:steps"]
+            keys += [self._step(job, n) for n in names]
+            pipe = self.redis.pipeline()
+            for key in keys:
+                pipe.expire(key, self.ttl)
+            pipe.execute()
+
+    def running_jobs(self) -> list[str]:
+        """Jobs in RUNNING (started and not ended)."""
+        return sorted(self.redis.smembers(f"{_PREFIX}running"))
+
+    def stale_steps(self, older_than: float) -> list[tuple[str, str, dict[str, Any]]]:
+        """(job, step, fields) of running steps whose last heartbeat is older than `older_than`
+        seconds (their worker stopped beating: it died, or hangs)."""
+        now, found = time.time(), []
+        for job in self.running_jobs():
+            for name, fields in self.steps(job):
+                beat = fields.get("heartbeat") or fields.get("started")
+                if fields.get("state") == RUNNING and beat and now - float(beat) > older_than:
+                    found.append((job, name, fields))
+        return found
 
     def step(self, job: str, step: str, *, quiet: bool = False, **fields: Any) -> None:
         """Record fields of a step (creating it); with `quiet`, Redis errors are logged, not raised."""

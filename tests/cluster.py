@@ -77,6 +77,11 @@ def worker_env(redis_url: str, s3_endpoint: str, cache: Path) -> dict[str, str]:
         PORTER_UNACKED_RESTORE_INTERVAL="1",
         PORTER_UNACKED_RESTORE_THROTTLE="1",
         PORTER_PROGRESS_INTERVAL="0.05",
+        # Production-like visibility timeout (the default, 12 h): recovery from a dead worker must
+        # come from the heartbeats and the reaper, here with short periods.
+        PORTER_HEARTBEAT_INTERVAL="0.5",
+        PORTER_STALE_AFTER="3",
+        PORTER_REAPER_INTERVAL="1",
         PORTER_CACHE_DIR=str(cache),
         PORTER_FETCH_COALESCE_BYTES="0",  # the fixtures are tiny: fetch exactly what is needed
         AWS_ENDPOINT_URL_S3=s3_endpoint,
@@ -146,10 +151,19 @@ class Cluster:
             check=check,
         )
 
-    def stop_worker(self, proc: subprocess.Popen) -> None:
-        os.killpg(proc.pid, signal.SIGTERM)
+    def stop_worker(self, proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+        """Stop a worker (its whole process group) and forget it."""
+        os.killpg(proc.pid, sig)
         proc.wait(30)
         self.workers.remove(proc)
+
+    def worker_of(self, pid: int) -> subprocess.Popen:
+        """The worker whose process (or pool child) has `pid`."""
+        for proc in self.workers:
+            family = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(True))]
+            if pid in family:
+                return proc
+        raise LookupError(f"no worker has process {pid}")
 
     def stop(self) -> None:
         for proc in self.workers:

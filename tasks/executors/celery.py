@@ -19,12 +19,14 @@ import functools
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from celery import chord
+from celery import chord, current_task
 from celery.exceptions import Ignore, Reject
+from celery.signals import worker_ready
 
 from config.celery_app import GPU_QUEUE, app
 from config.settings import Settings
@@ -61,6 +63,26 @@ def _message(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
+class _Heartbeat(threading.Thread):
+    """Writes the running step's heartbeat into its record every `heartbeat_interval` seconds."""
+
+    def __init__(self, job: str, step: str) -> None:
+        super().__init__(name=f"heartbeat-{step}", daemon=True)
+        self.job, self.step = job, step
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(settings().heartbeat_interval):
+            records().step(self.job, self.step, quiet=True, heartbeat=time.time())
+
+    def __enter__(self) -> _Heartbeat:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+
+
 def run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run one step of `job` with its bookkeeping; returns the step's result."""
     rec = records()
@@ -79,9 +101,13 @@ def run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[st
         raise Reject(message, requeue=False)
     started = time.time()
     worker = f"{socket.gethostname()}:{os.getpid()}"
+    request = current_task.request if current_task else None
+    node, task = getattr(request, "hostname", None), getattr(request, "id", None)
     try:
-        rec.step(job, step, state=RUNNING, started=started, worker=worker, error="")
-        result = work()
+        rec.step(job, step, state=RUNNING, started=started, heartbeat=started, worker=worker,
+                 node=node, task_id=task, error="")  # fmt: skip
+        with _Heartbeat(job, step):
+            result = work()
         finished = time.time()
         fields = {k: v for k, v in result.items() if k not in ("state", "error")}
         fields = {"seconds": finished - started, **fields}
@@ -274,3 +300,11 @@ def publish(job: str) -> dict[str, Any]:
         steps.source_summary(inspected),
         lambda: _published_files(job, len(inspected["ranks"]), spec.engines),
     )
+
+
+@worker_ready.connect
+def _start_reaper(sender: Any = None, **_: Any) -> None:
+    """Every worker runs a reaper thread in its main process (one pass at a time cluster-wide)."""
+    from tasks.reaper import Reaper
+
+    Reaper(sender.app if sender is not None else app, settings()).start()

@@ -1,0 +1,91 @@
+"""Fast recovery from dead workers, whatever the visibility timeout.
+
+With the Redis broker and `acks_late`, the message of a task whose worker was killed (`kill -9`,
+machine lost) goes back to the queue only after the visibility timeout, which must exceed the
+longest rank (hours). Instead, every running step writes a heartbeat into its record; the reaper,
+a thread in each worker's main process (one active at a time, under a Redis lock), looks for
+running steps whose heartbeat is older than `stale_after` and whose worker does not answer a ping,
+and moves their unacknowledged message straight back to its queue (kombu's own restore). Steps are
+idempotent, so the late duplicate the broker may still deliver after the visibility timeout is
+harmless.
+
+A pool process killed under a live worker (the OOM killer) needs none of this: the worker sees it
+die and re-queues its task at once (`task_reject_on_worker_lost`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from config.settings import Settings
+from tasks.records import JobRecords
+
+log = logging.getLogger(__name__)
+
+LOCK = "porter:reaper"
+
+
+def restore_message(app: Any, task_id: str) -> bool:
+    """Put the unacknowledged message of `task_id` back at the head of its queue; False if no
+    such message is waiting for an acknowledgement."""
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        for tag, raw in channel.client.hgetall(channel.unacked_key).items():
+            message = json.loads(raw)[0]
+            if message.get("headers", {}).get("id") == task_id:
+                channel.qos.restore_by_tag(tag, leftmost=True)
+                return True
+    return False
+
+
+def alive_nodes(app: Any, nodes: set[str], timeout: float = 1.0) -> set[str]:
+    """The worker nodes among `nodes` that answer a ping."""
+    if not nodes:
+        return set()
+    replies = app.control.ping(destination=sorted(nodes), timeout=timeout) or []
+    return {node for reply in replies for node in reply}
+
+
+def reap(app: Any, records: JobRecords, settings: Settings) -> list[str]:
+    """One pass: re-queue the steps whose worker died; returns their task ids."""
+    token = uuid.uuid4().hex
+    hold = max(1, int(settings.reaper_interval))
+    if not records.redis.set(LOCK, token, nx=True, ex=hold):
+        return []  # another worker's reaper has this round
+    stale = records.stale_steps(settings.stale_after)
+    alive = alive_nodes(app, {f["node"] for _, _, f in stale if f.get("node")})
+    requeued = []
+    for job, step, fields in stale:
+        task_id = fields.get("task_id")
+        if not task_id or fields.get("node") in alive:
+            continue  # a live worker still owns it (slow, or hung: not ours to take)
+        if restore_message(app, task_id):
+            records.step(job, step, state="REQUEUED", requeued=time.time())
+            requeued.append(task_id)
+            log.warning(
+                "%s: %s lost its worker %s (no heartbeat for %.0f s); queued again",
+                job, step, fields.get("node"), time.time() - float(fields["heartbeat"]),
+            )  # fmt: skip
+    return requeued
+
+
+class Reaper(threading.Thread):
+    """Runs `reap` every `reaper_interval` seconds in a worker's main process."""
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        super().__init__(name="porter-reaper", daemon=True)
+        self.app, self.settings = app, settings
+        self.records = JobRecords(settings.redis_url, ttl=settings.record_ttl)
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.settings.reaper_interval):
+            try:
+                reap(self.app, self.records, self.settings)
+            except Exception:  # Redis restarting, a malformed record: try again next round
+                log.exception("reaper pass failed")

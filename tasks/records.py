@@ -114,8 +114,16 @@ class JobRecords:
             yield name, _decode(raw)
 
     def job_ids(self, limit: int = 50) -> list[str]:
-        """The most recent job ids, newest first."""
-        return self.redis.zrevrange(f"{_PREFIX}jobs", 0, limit - 1)
+        """The most recent job ids whose records still exist, newest first (ids whose record
+        expired are dropped from the index on the way)."""
+        ids = self.redis.zrevrange(f"{_PREFIX}jobs", 0, limit - 1)
+        pipe = self.redis.pipeline()
+        for job in ids:
+            pipe.exists(self._job(job))
+        gone = [job for job, exists in zip(ids, pipe.execute(), strict=True) if not exists]
+        if gone:
+            self.redis.zrem(f"{_PREFIX}jobs", *gone)
+        return [job for job in ids if job not in gone]
 
     def start(self, job: str) -> None:
         """Mark the job RUNNING (its plan step began)."""

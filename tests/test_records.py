@@ -1,0 +1,64 @@
+"""Job records against a real redis-server."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from tasks.records import JobRecords
+
+
+def records(redis_url: str) -> JobRecords:
+    return JobRecords(redis_url, ttl=60)
+
+
+def new_job() -> str:
+    return f"megatron-trtllm-{uuid.uuid4().hex[:16]}"
+
+
+def test_create_once_and_values_keep_their_types(redis_url):
+    rec, job = records(redis_url), new_job()
+    assert rec.create(job, "megatron-trtllm", {"tp": 2}, output="s3://b/o")
+    assert not rec.create(job, "megatron-trtllm", {"tp": 4})  # second submit: same record
+    rec.step(job, "reshard:0", state="FAILED", error="123", sha256="0123", done=5)
+    record = rec.get(job)
+    assert record["spec"] == {"tp": 2} and record["attempt"] == 1 and record["output"] == "s3://b/o"
+    step = record["steps"]["reshard:0"]
+    assert step["error"] == "123" and step["sha256"] == "0123" and step["done"] == 5
+
+
+def test_first_failure_wins_and_cancel_is_final(redis_url):
+    rec, job = records(redis_url), new_job()
+    rec.create(job, "megatron-trtllm", {})
+    rec.start(job)
+    assert job in rec.running_jobs()
+    assert rec.finish(job, "FAILED", "reshard:1: first")
+    assert not rec.finish(job, "FAILED", "reshard:2: second")
+    assert not rec.finish(job, "SUCCEEDED")
+    assert rec.get(job)["error"] == "reshard:1: first" and job not in rec.running_jobs()
+    other = new_job()
+    rec.create(other, "megatron-trtllm", {})
+    rec.start(other)
+    rec.force_state(other, "CANCELLED", "by request")
+    assert not rec.finish(other, "SUCCEEDED") and rec.state(other) == "CANCELLED"
+    assert rec.redis.ttl(f"porter:job:{job}") > 0  # ended jobs expire
+
+
+def test_stale_steps_are_those_without_a_recent_heartbeat(redis_url):
+    rec, job = records(redis_url), new_job()
+    rec.create(job, "megatron-trtllm", {})
+    rec.start(job)
+    rec.step(job, "reshard:0", state="RUNNING", heartbeat=time.time() - 100)
+    rec.step(job, "reshard:1", state="RUNNING", heartbeat=time.time())
+    rec.step(job, "reshard:2", state="SUCCEEDED", heartbeat=time.time() - 100)
+    stale = [(j, s) for j, s, _ in rec.stale_steps(30) if j == job]
+    assert stale == [(job, "reshard:0")]
+
+
+def test_index_forgets_expired_jobs(redis_url):
+    rec, job = records(redis_url), new_job()
+    rec.create(job, "megatron-trtllm", {})
+    assert job in rec.job_ids(1000)
+    rec.redis.delete(f"porter:job:{job}")
+    assert job not in rec.job_ids(1000)
+    assert rec.redis.zscore("porter:jobs", job) is None

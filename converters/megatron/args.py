@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from converters.errors import NotAMegatronCheckpoint, UnsupportedModel
+from converters.errors import CorruptCheckpoint, NotAMegatronCheckpoint, UnsupportedModel
 from converters.model import ModelConfig, dtype_name
 
 _REQUIRED = (
@@ -40,8 +40,40 @@ _UNSUPPORTED: tuple[tuple[str, Any, str], ...] = (
 )
 
 
+# Sizes beyond this are not a model but a forged header (the largest real ones are ~10^6).
+_MAX_SIZE = 2**40
+
+
 def _get(args: Any, name: str, default: Any = None) -> Any:
     return getattr(args, name, default)
+
+
+def _size(args: Any, name: str, path: Path | None, default: Any = None, minimum: int = 1) -> int:
+    """`args.<name>` (or `default` when unset or 0) as an int in [minimum, 2^40]; a clear error
+    naming the argument otherwise (a forged `args` must not divide by zero or size a tensor)."""
+    raw = _get(args, name)
+    value = default if raw is None or (raw == 0 and not isinstance(raw, bool)) else raw
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise CorruptCheckpoint(f"`args.{name}` is {raw!r}, not a positive integer", path)
+    try:
+        number = int(value)
+    except ValueError:
+        raise CorruptCheckpoint(f"`args.{name}` is {raw!r}, not an integer", path) from None
+    if not minimum <= number <= _MAX_SIZE:
+        raise CorruptCheckpoint(
+            f"`args.{name}`={number} is out of range ({minimum}..{_MAX_SIZE})", path
+        )
+    return number
+
+
+def _number(args: Any, name: str, default: float, path: Path) -> float:
+    value = _get(args, name)
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise CorruptCheckpoint(f"`args.{name}` is {value!r}, not a number", path) from None
 
 
 def model_config_from_args(args: Any, stored_dtype: torch.dtype, path: Path) -> ModelConfig:
@@ -56,13 +88,13 @@ def model_config_from_args(args: Any, stored_dtype: torch.dtype, path: Path) -> 
         if value is not None and is_set(value):
             raise UnsupportedModel(f"{feature} ({name}={value!r}) is not supported by Porter", path)
 
-    heads = int(args.num_attention_heads)
+    heads = _size(args, "num_attention_heads", path)
     groups = (
-        int(_get(args, "num_query_groups") or heads)
+        _size(args, "num_query_groups", path, default=heads)
         if _get(args, "group_query_attention")
         else heads
     )
-    hidden = int(args.hidden_size)
+    hidden = _size(args, "hidden_size", path)
     normalization = _get(args, "normalization", "LayerNorm")
     if normalization not in ("LayerNorm", "RMSNorm"):
         raise UnsupportedModel(f"normalization {normalization!r} is not supported", path)
@@ -73,38 +105,40 @@ def model_config_from_args(args: Any, stored_dtype: torch.dtype, path: Path) -> 
         raise UnsupportedModel(
             f"num_attention_heads={heads} is not a multiple of num_query_groups={groups}", path
         )
-    epsilon = _get(args, "norm_epsilon")
-    if epsilon is None:
-        epsilon = _get(args, "layernorm_epsilon", 1e-5)
+    epsilon_name = "norm_epsilon" if _get(args, "norm_epsilon") is not None else "layernorm_epsilon"
+    try:
+        dtype = dtype_name(stored_dtype)
+    except ValueError as exc:
+        raise UnsupportedModel(f"weights stored as {stored_dtype}: {exc}", path) from None
     return ModelConfig(
-        num_layers=int(args.num_layers),
+        num_layers=_size(args, "num_layers", path),
         hidden_size=hidden,
-        ffn_hidden_size=int(_get(args, "ffn_hidden_size") or 4 * hidden),
+        ffn_hidden_size=_size(args, "ffn_hidden_size", path, default=4 * hidden),
         num_attention_heads=heads,
         num_query_groups=groups,
-        kv_channels=int(_get(args, "kv_channels") or hidden // heads),
-        vocab_size=int(args.padded_vocab_size),
-        max_position_embeddings=int(
-            _get(args, "max_position_embeddings") or _get(args, "seq_length") or 0
+        kv_channels=_size(args, "kv_channels", path, default=max(1, hidden // heads)),
+        vocab_size=_size(args, "padded_vocab_size", path),
+        max_position_embeddings=_size(
+            args, "max_position_embeddings", path, default=_get(args, "seq_length") or 0, minimum=0
         ),
         normalization=normalization,
-        norm_epsilon=float(epsilon),
+        norm_epsilon=_number(args, epsilon_name, 1e-5, path),
         apply_layernorm_1p=bool(_get(args, "apply_layernorm_1p", False)),
         activation="silu" if _get(args, "swiglu", False) else "gelu",
         gated_mlp=bool(_get(args, "swiglu", False)),
         position_embedding_type=position,
-        rotary_base=float(_get(args, "rotary_base", 10000) or 10000),
-        rotary_percent=float(_get(args, "rotary_percent", 1.0) or 1.0),
+        rotary_base=_number(args, "rotary_base", 10000.0, path) or 10000.0,
+        rotary_percent=_number(args, "rotary_percent", 1.0, path) or 1.0,
         tied_embeddings=not bool(_get(args, "untie_embeddings_and_output_weights", False)),
         add_bias_linear=bool(_get(args, "add_bias_linear", True)),
         add_qkv_bias=bool(_get(args, "add_qkv_bias", False))
         or bool(_get(args, "add_bias_linear", True)),
-        dtype=dtype_name(stored_dtype),
+        dtype=dtype,
     )
 
 
-def parallel_sizes(args: Any) -> tuple[int, int]:
+def parallel_sizes(args: Any, path: Path | None = None) -> tuple[int, int]:
     """(tensor, pipeline) parallel sizes the checkpoint was saved with, per its `args`."""
-    tp = int(_get(args, "tensor_model_parallel_size", 1) or 1)
-    pp = int(_get(args, "pipeline_model_parallel_size", 1) or 1)
+    tp = _size(args, "tensor_model_parallel_size", path, default=1)
+    pp = _size(args, "pipeline_model_parallel_size", path, default=1)
     return tp, pp

@@ -30,7 +30,12 @@ from typing import Any
 import torch
 
 from converters.errors import CorruptCheckpoint, NotAMegatronCheckpoint, UnsafeCheckpoint
-from converters.megatron.safe_load import MegatronStub, load_pt
+from converters.megatron.safe_load import (
+    MegatronStub,
+    check_tensor_sizes,
+    check_torch_zip,
+    load_pt,
+)
 from converters.tensors import FileRange, LazyTensor
 
 __all__ = ["DistCheckpoint", "DistRegion", "read_dist_metadata"]
@@ -38,6 +43,9 @@ __all__ = ["DistCheckpoint", "DistRegion", "read_dist_metadata"]
 _METADATA_JSON = "metadata.json"
 _METADATA = ".metadata"
 _COMMON = "common.pt"
+MAX_JSON_BYTES = 2**20  # metadata.json is a few hundred bytes
+# `.metadata` lists every chunk (with optimizer state: hundreds of thousands); larger is refused.
+MAX_METADATA_BYTES = 2**30
 
 _DCP = "torch.distributed.checkpoint"
 # The globals a `.metadata` written by torch.distributed.checkpoint (via Megatron) references. Seen
@@ -114,6 +122,12 @@ def read_dist_metadata(path: Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise CorruptCheckpoint("file is missing (torch_dist checkpoints need it)", path)
+    size = path.stat().st_size
+    if size > MAX_METADATA_BYTES:
+        raise CorruptCheckpoint(
+            f"is {size} bytes; Porter reads checkpoint metadata of at most {MAX_METADATA_BYTES}",
+            path,
+        )
     try:
         with path.open("rb") as f:
             metadata = _MetadataUnpickler(f, path).load()
@@ -243,6 +257,10 @@ def _read_chunk(f: io.BufferedReader, chunk: _Chunk, key: str, dtype: torch.dtyp
     if not buf.startswith(b"PK\x03\x04"):
         raise CorruptCheckpoint(f"{where} is not a torch.save blob", file)
     try:
+        check_torch_zip(buf, file)
+    except CorruptCheckpoint as exc:
+        raise CorruptCheckpoint(f"{where}: {str(exc).removeprefix(f'{file}: ')}", file) from exc
+    try:
         tensor = torch.load(io.BytesIO(buf), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpoint(
@@ -253,6 +271,10 @@ def _read_chunk(f: io.BufferedReader, chunk: _Chunk, key: str, dtype: torch.dtyp
     del buf
     if not isinstance(tensor, torch.Tensor):
         raise CorruptCheckpoint(f"{where} holds a {type(tensor).__name__}, not a tensor", file)
+    try:
+        check_tensor_sizes(tensor, file)
+    except CorruptCheckpoint as exc:
+        raise CorruptCheckpoint(f"{where}: {str(exc).removeprefix(f'{file}: ')}", file) from exc
     if tuple(tensor.shape) != chunk.sizes or tensor.dtype != dtype:
         raise CorruptCheckpoint(
             f"{where} holds {tensor.dtype}{list(tensor.shape)} but the metadata says "
@@ -274,6 +296,8 @@ class DistCheckpoint:
                 f"no {_METADATA_JSON}: not a Megatron torch_dist checkpoint directory",
                 self.directory,
             )
+        if meta_json.stat().st_size > MAX_JSON_BYTES:
+            raise CorruptCheckpoint(f"is larger than {MAX_JSON_BYTES} bytes", meta_json)
         try:
             config = json.loads(meta_json.read_text())
         except (OSError, ValueError) as exc:
@@ -350,7 +374,7 @@ class DistCheckpoint:
         offset, length = getattr(info, "offset", None), getattr(info, "length", None)
         if not isinstance(rel, str) or not isinstance(offset, int) or not isinstance(length, int):
             raise CorruptCheckpoint(f"bad storage entry for {key}: {info!r}", self.metadata_path)
-        if rel != os.path.basename(rel) or rel in ("", ".", ".."):
+        if rel != os.path.basename(rel) or rel in ("", ".", "..") or "\x00" in rel:
             raise UnsafeCheckpoint(
                 f"storage entry for {key} points outside the checkpoint directory: {rel!r}",
                 self.metadata_path,

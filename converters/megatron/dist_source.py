@@ -25,7 +25,7 @@ class DistSource:
         args = self._ckpt.common.get("args")
         if args is None:
             raise NotAMegatronCheckpoint("no training `args` in common.pt", common_path)
-        self.tp, self.pp = parallel_sizes(args)
+        self.tp, self.pp = parallel_sizes(args, common_path)
         self._check_keys()
         word = "embedding.word_embeddings.weight"
         if word not in self._ckpt:

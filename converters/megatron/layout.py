@@ -13,6 +13,24 @@ from converters.model import ModelConfig
 from converters.tensors import LazyTensor
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
+_MAX_TRACKER_BYTES = 64  # an iteration number or "release", plus whitespace
+_MAX_METADATA_JSON_BYTES = 2**20
+
+
+def iteration_dir_name(text: str, where: Path | str) -> str:
+    """`iter_XXXXXXX` or `release` for the contents of `latest_checkpointed_iteration.txt`.
+
+    Only ASCII digits or "release": anything else (`../../etc`, an absolute path, NUL bytes, a
+    Unicode digit, a 5,000-digit number) is refused, so the tracker cannot point outside the
+    checkpoint."""
+    text = text.strip()
+    if text == "release":
+        return "release"
+    if text.isascii() and text.isdigit() and len(text) <= 18:
+        return f"iter_{int(text):07d}"
+    raise NotAMegatronCheckpoint(
+        f"expected an iteration number or 'release', found {text[:40]!r}", where
+    )
 
 
 class SourceCheckpoint(Protocol):
@@ -40,15 +58,15 @@ def resolve_iteration_dir(source: Path) -> Path:
         raise NotAMegatronCheckpoint("expected a checkpoint directory, got a file", source)
     latest = source / LATEST_FILE
     if latest.is_file():
-        text = latest.read_text().strip()
-        if text == "release":
-            name = "release"
-        elif text.isdigit():
-            name = f"iter_{int(text):07d}"
-        else:
+        with latest.open("rb") as f:
+            raw = f.read(_MAX_TRACKER_BYTES + 1)
+        if len(raw) > _MAX_TRACKER_BYTES:
             raise NotAMegatronCheckpoint(
-                f"expected an iteration number or 'release', found {text[:40]!r}", latest
+                f"is longer than {_MAX_TRACKER_BYTES} bytes; expected an iteration number or "
+                "'release'",
+                latest,
             )
+        name = iteration_dir_name(raw.decode("utf-8", "replace"), latest)
         target = source / name
         if not target.is_dir():
             raise NotAMegatronCheckpoint(f"points at {name}/, which does not exist", latest)
@@ -60,6 +78,10 @@ def detect_format(iter_dir: Path) -> str:
     """ "torch_dist" or "legacy" for an iteration directory; a clear error for anything else."""
     metadata = iter_dir / "metadata.json"
     if metadata.is_file():
+        if metadata.stat().st_size > _MAX_METADATA_JSON_BYTES:
+            raise NotAMegatronCheckpoint(
+                f"is larger than {_MAX_METADATA_JSON_BYTES} bytes", metadata
+            )
         try:
             backend = json.loads(metadata.read_text()).get("sharded_backend")
         except (json.JSONDecodeError, AttributeError) as exc:

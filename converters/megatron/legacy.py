@@ -271,7 +271,9 @@ class LegacyCheckpoint:
         first = self._files.payload(min(dirs))
         first_path = self._files.path(min(dirs))
         self.args = first.get("args")
-        self.tp, self.pp = parallel_sizes(self.args) if self.args is not None else (0, 0)
+        self.tp, self.pp = (
+            parallel_sizes(self.args, first_path) if self.args is not None else (0, 0)
+        )
         self._check_rank_dirs(dirs)
         self.stage_layers = [self._count_layers(stage) for stage in range(self.pp)]
         dtype = self._stored_dtype(first_path)

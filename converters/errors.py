@@ -31,3 +31,7 @@ class UnsupportedModel(ConversionError):
 
 class IncompatibleParallelism(ConversionError):
     """The requested target parallelism does not fit the model (heads, groups, layers, ...)."""
+
+
+class NonFiniteWeights(ConversionError):
+    """A weight holds NaN or infinite values and the job asked to refuse them."""

@@ -1,14 +1,22 @@
-"""Convert one TensorRT-LLM rank: plan its tensors, read each slice, cast, stream to safetensors."""
+"""Convert one TensorRT-LLM rank: plan its tensors, read each slice, cast, stream to safetensors.
+
+Every converted floating-point tensor is checked for NaN and infinite values (a sum, which is
+finite exactly when no term is NaN or infinite unless it overflows; only then a count in blocks). `Target.nonfinite` says what to do: "warn" lists
+them in `RankResult.nonfinite` (and logs a warning), "error" fails the rank naming the tensor and
+the source files it was read from.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from converters.errors import NonFiniteWeights
 from converters.megatron.layout import SourceCheckpoint
 from converters.model import DTYPES
 from converters.trtllm.plan import OutputTensor, Target, rank_tensors
@@ -16,6 +24,9 @@ from converters.trtllm.writer import SafetensorsWriter, TensorSpec
 
 # Called after each tensor with (bytes written so far, bytes of the whole rank file's tensors).
 Progress = Callable[[int, int], None]
+
+log = logging.getLogger(__name__)
+_SCAN_ELEMENTS = 2**22  # elements checked at once (a bool temporary of 4 MiB)
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,8 @@ class RankResult:
     bytes_read: int
     sha256: str
     seconds: float
+    # Tensors with NaN or infinite values: {"tensor", "count", "files"} each (see Target.nonfinite).
+    nonfinite: list[dict] = field(default_factory=list)
 
 
 def _converted(tensor: OutputTensor, dtype: torch.dtype) -> torch.Tensor:
@@ -33,6 +46,59 @@ def _converted(tensor: OutputTensor, dtype: torch.dtype) -> torch.Tensor:
     if tensor.add_one:
         return (data.float() + 1.0).to(dtype)
     return data.to(dtype)
+
+
+def count_nonfinite(tensor: torch.Tensor) -> int:
+    """NaN and ±inf values in `tensor` (0 for integer tensors).
+
+    A sum is NaN or infinite whenever any term is, and costs no temporary: only a tensor whose
+    sum is not finite (or overflows) is counted exactly, in bounded blocks."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return 0
+    if bool(torch.isfinite(tensor.sum())):
+        return 0
+    if tensor.dim() == 0:
+        return 1
+    row = max(1, tensor[0].numel())
+    bad = 0
+    for block in tensor.split(max(1, _SCAN_ELEMENTS // row), dim=0):
+        finite = torch.isfinite(block)
+        bad += int(finite.numel() - finite.sum())
+    return bad
+
+
+def source_files(source: SourceCheckpoint, tensor: OutputTensor) -> list[str]:
+    """The source files a planned tensor is read from, as the source names them (s3:// URIs for
+    a mirrored source); the checkpoint itself when the reader cannot tell."""
+    root = getattr(source, "uri", None) or str(source.path)
+    try:
+        paths = sorted({str(path) for path, _, _ in tensor.source.file_ranges()})
+    except NotImplementedError:
+        return [root]
+    names = []
+    for path in paths:
+        try:
+            names.append(f"{root}/{Path(path).relative_to(source.path).as_posix()}")
+        except ValueError:
+            names.append(path)
+    return names or [root]
+
+
+def _check_finite(
+    source: SourceCheckpoint, target: Target, tensor: OutputTensor, data: torch.Tensor
+) -> dict | None:
+    count = count_nonfinite(data)
+    if not count:
+        return None
+    files = source_files(source, tensor)
+    what = (
+        f"{tensor.name} has {count} NaN or infinite value(s) of {data.numel()} "
+        f"(as {str(data.dtype).removeprefix('torch.')}), read from {', '.join(files)}"
+    )
+    if target.nonfinite == "error":
+        raise NonFiniteWeights(f"{what}; refused (nonfinite=error)", files[0])
+    log.warning("%s", what)
+    return {"tensor": tensor.name, "count": count, "files": files}
 
 
 def rank_file_name(rank: int) -> str:
@@ -53,9 +119,14 @@ def convert_rank(
     specs = [TensorSpec(t.name, t.source.shape, dtype) for t in tensors]
     total = sum(s.nbytes for s in specs)
     done = read = 0
+    nonfinite = []
     with SafetensorsWriter(path, specs, metadata={"format": "pt"}) as writer:
         for tensor, spec in zip(tensors, specs, strict=True):
-            writer.write(tensor.name, _converted(tensor, dtype))
+            data = _converted(tensor, dtype)
+            if found := _check_finite(source, target, tensor, data):
+                nonfinite.append(found)
+            writer.write(tensor.name, data)
+            del data
             read += tensor.source.source_nbytes
             done += spec.nbytes
             if progress:
@@ -68,4 +139,5 @@ def convert_rank(
         bytes_read=read,
         sha256=written.sha256,
         seconds=time.perf_counter() - started,
+        nonfinite=nonfinite,
     )

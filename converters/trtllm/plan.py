@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from converters.errors import IncompatibleParallelism
+from converters.errors import ConversionError, IncompatibleParallelism
 from converters.megatron.layout import SourceCheckpoint
 from converters.model import DTYPES, ModelConfig
 from converters.tensors import LazyTensor, Zeros
 from converters.trtllm import reshard
 from converters.trtllm.families import ModelFamily, family_for
+
+NONFINITE_POLICIES = ("warn", "error")
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,8 @@ class Target:
     pp: int = 1
     dtype: str | None = None  # None: keep the checkpoint's dtype
     parallel_embedding: bool = False
+    # NaN/infinite weights: "warn" lists them in the rank result, "error" fails the rank.
+    nonfinite: str = "warn"
 
     @property
     def world_size(self) -> int:
@@ -61,6 +65,10 @@ def check_target(cfg: ModelConfig, target: Target) -> None:
         )
     if target.dtype is not None and target.dtype not in DTYPES:
         raise IncompatibleParallelism(f"dtype {target.dtype!r} is not one of {', '.join(DTYPES)}")
+    if target.nonfinite not in NONFINITE_POLICIES:
+        raise ConversionError(
+            f"nonfinite {target.nonfinite!r} is not one of {', '.join(NONFINITE_POLICIES)}"
+        )
     reshard.check_attention_split(cfg, target.tp)
     for name, size in (("ffn_hidden_size", cfg.ffn_hidden_size),):
         if size % target.tp:

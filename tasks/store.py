@@ -14,9 +14,11 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -392,6 +394,19 @@ def default_transfer_config(
 _CLIENTS: dict[tuple, Any] = {}
 _CLIENTS_LOCK = threading.Lock()
 
+# botocore's retries ("standard" mode: 500/502/503/504, throttling such as 503 SlowDown, connection
+# resets and timeouts, with exponential backoff and jitter; a per-client quota stops retrying
+# while most requests fail, so an outage fails fast). These are the defaults; `AWS_MAX_ATTEMPTS`,
+# `AWS_RETRY_MODE` (or a profile's `max_attempts`, `retry_mode`) override them.
+S3_MAX_ATTEMPTS = 6  # in all: the first request and up to 5 retries (waits up to 1, 2, 4, 8, 16 s)
+S3_CONNECT_TIMEOUT = 10.0  # seconds to open a connection
+S3_READ_TIMEOUT = 60.0  # seconds without a byte from S3 before the request is retried
+# A response body cut short (a reset, a truncated or mis-framed body) is not retried by botocore,
+# whose retries end once the headers arrived: Porter re-reads such GETs itself.
+BODY_ATTEMPTS = 5
+_DOWNLOAD_ATTEMPTS = 3  # whole-file downloads (s3transfer also re-reads broken bodies itself)
+_BODY_BACKOFF = 0.1  # seconds before the second attempt; doubles, with jitter, up to 2 s
+
 
 def _s3_client(pool: int) -> Any:
     """A boto3 S3 client from the standard configuration, shared by this process's stores.
@@ -410,9 +425,69 @@ def _s3_client(pool: int) -> Any:
             import boto3
             from botocore.config import Config
 
-            config = Config(max_pool_connections=pool, retries={"mode": "standard"})
-            client = _CLIENTS[key] = boto3.session.Session().client("s3", config=config)
+            session = boto3.session.Session()
+            config = Config(
+                max_pool_connections=pool,
+                retries=_retry_config(session),
+                connect_timeout=S3_CONNECT_TIMEOUT,
+                read_timeout=S3_READ_TIMEOUT,
+                tcp_keepalive=True,
+            )
+            client = _CLIENTS[key] = session.client("s3", config=config)
     return client
+
+
+def _retry_config(session: Any) -> dict[str, Any]:
+    """Porter's retry defaults, except what boto3's standard configuration sets."""
+    core = session._session  # botocore's session: env vars and the profile's config file
+    retries: dict[str, Any] = {}
+    if core.get_config_variable("retry_mode") is None:
+        retries["mode"] = "standard"
+    if core.get_config_variable("max_attempts") is None:
+        retries["total_max_attempts"] = S3_MAX_ATTEMPTS
+    return retries
+
+
+def _backoff(attempt: int) -> None:
+    """Sleep before re-reading a body (attempt 1 is the first retry): doubling, with jitter."""
+    time.sleep(min(2.0, _BODY_BACKOFF * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
+
+
+class _BrokenBody(ArtifactError):
+    """A response body broke off, ended early or arrived damaged: reading it again may work."""
+
+
+def _body_errors() -> tuple[type[BaseException], ...]:
+    """What reading a response body raises when it breaks off or its checksum fails (botocore
+    retried the request itself, up to its headers, already; not what is in the body)."""
+    from botocore.exceptions import (
+        ChecksumError,
+        FlexibleChecksumError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+
+    return (
+        ResponseStreamingError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ChecksumError,
+        FlexibleChecksumError,
+    )
+
+
+def _expected_length(response: dict[str, Any]) -> int | None:
+    """The body length a GetObject response promises: its Content-Range span (ranged GETs) or
+    Content-Length; None if it promises neither."""
+    content_range = response.get("ContentRange")  # "bytes 0-99/1234"
+    if content_range:
+        span = content_range.split()[-1].split("/")[0]
+        first, _, last = span.partition("-")
+        with contextlib.suppress(ValueError):
+            return int(last) - int(first) + 1
+    length = response.get("ContentLength")
+    return None if length is None else int(length)
 
 
 class S3Store:
@@ -525,21 +600,70 @@ class S3Store:
             Path(tmp).unlink(missing_ok=True)
 
     def get_file(self, key: str, local: Path) -> Artifact:
+        # s3transfer re-reads a body that breaks off; a body that ends early without the
+        # connection saying so, or whose bytes arrive damaged, shows as a wrong size, checksum or
+        # sha256 and is downloaded again, a few times, before the object is called corrupt.
+        from botocore.exceptions import ChecksumError, FlexibleChecksumError
+
         art = self._require(key)
         with _atomic_target(Path(local)) as tmp:
-            with self._errors(key):
-                self.client.download_file(
-                    self.bucket, self._name(key), str(tmp), Config=self.transfer_config
-                )
-            try:
-                _verify(self.uri(key), art.sha256, sha256_file(tmp))
-            except CorruptArtifact as exc:
-                now = self._head(key)
-                if now is None or now.etag != art.etag:
-                    msg = "object changed during the download; retry"
-                    raise ArtifactError(msg, self.uri(key)) from exc
-                raise
+            for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
+                try:
+                    with self._errors(key):
+                        try:
+                            self.client.download_file(
+                                self.bucket, self._name(key), str(tmp), Config=self.transfer_config
+                            )
+                        except (ChecksumError, FlexibleChecksumError) as exc:
+                            raise _BrokenBody(_describe(exc), self.uri(key)) from exc
+                    size = os.stat(tmp).st_size
+                    if size != art.bytes:
+                        raise _BrokenBody(
+                            f"downloaded {size} bytes of a {art.bytes}-byte object", self.uri(key)
+                        )
+                    _verify(self.uri(key), art.sha256, sha256_file(tmp))
+                    break
+                except (_BrokenBody, CorruptArtifact) as exc:
+                    now = self._head(key)
+                    if now is None or now.etag != art.etag:
+                        msg = "object changed during the download; retry"
+                        raise ArtifactError(msg, self.uri(key)) from exc
+                    if attempt == _DOWNLOAD_ATTEMPTS:
+                        raise
+                    log.warning("%s (attempt %d); downloading again", exc, attempt)
+                    _backoff(attempt)
         return art
+
+    def _get_body(self, key: str, **kwargs: Any) -> tuple[dict[str, Any], bytes]:
+        """GetObject of `key` and its whole body, checked against the length the response
+        announced (and the recorded sha256 of a whole object). botocore retries the request;
+        a body that breaks off, ends early or arrives damaged is read again here
+        (BODY_ATTEMPTS in all). Errors name the URI."""
+        name = self._name(key)
+        for attempt in range(1, BODY_ATTEMPTS + 1):
+            with self._errors(key):
+                response = self.client.get_object(Bucket=self.bucket, Key=name, **kwargs)
+            try:
+                try:
+                    data = response["Body"].read()
+                except _body_errors() as exc:
+                    raise _BrokenBody(_describe(exc), self.uri(key)) from exc
+                expected = _expected_length(response)
+                if expected is not None and len(data) != expected:
+                    raise _BrokenBody(
+                        f"S3 GetObject body ended after {len(data)} of {expected} bytes",
+                        self.uri(key),
+                    )
+                recorded = response.get("Metadata", {}).get(SHA256_META)
+                if "Range" not in kwargs and recorded:
+                    _verify(self.uri(key), recorded, hashlib.sha256(data).hexdigest())
+                return response, data
+            except (_BrokenBody, CorruptArtifact) as exc:
+                if attempt == BODY_ATTEMPTS:
+                    raise
+                log.warning("%s (attempt %d); reading it again", exc, attempt)
+                _backoff(attempt)
+        raise AssertionError("unreachable")
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
         from botocore.exceptions import ClientError
@@ -547,17 +671,17 @@ class S3Store:
         _check_range(start, length)
         if length == 0:
             return b""
-        name = self._name(key)
         try:
-            with self._errors(key):
-                r = self.client.get_object(
-                    Bucket=self.bucket, Key=name, Range=f"bytes={start}-{start + length - 1}"
-                )
-                return r["Body"].read()
+            _, data = self._get_body(key, Range=f"bytes={start}-{start + length - 1}")
         except ArtifactError as exc:
             if isinstance(exc.__cause__, ClientError) and _status(exc.__cause__) == 416:
                 return b""  # start at or past the end: like reading a file at EOF
             raise
+        if len(data) > length:
+            raise ArtifactError(
+                f"S3 returned {len(data)} bytes for a {length}-byte range at {start}", self.uri(key)
+            )
+        return data
 
     def list(self, prefix: str = "") -> list[str]:
         check_key(prefix, prefix=True)
@@ -596,14 +720,18 @@ class S3Store:
         from botocore.exceptions import ClientError
 
         try:
-            with self._errors(key):
-                r = self.client.get_object(Bucket=self.bucket, Key=self._name(key))
-                return json.loads(r["Body"].read())
+            _, data = self._get_body(key)
         except ArtifactError as exc:
             cause = exc.__cause__
-            if isinstance(cause, ClientError) and cause.response["Error"]["Code"] == "NoSuchKey":
-                return None
-            raise
+            if not isinstance(cause, ClientError) or _status(cause) != 404:
+                raise
+            if cause.response["Error"].get("Code") != "NoSuchKey":
+                self._check_bucket()  # an error body lost on the way: the bucket may be missing
+            return None
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise ArtifactError(f"not a JSON document: {exc}", self.uri(key)) from exc
 
     def delete(self, key: str) -> None:
         with self._errors(key):
@@ -654,7 +782,9 @@ def _describe(exc: Exception) -> str:
         if exc.operation_name == "HeadBucket" and status == 404:
             code = "NoSuchBucket"
         reason = reasons.get(code) or exc.response["Error"].get("Message") or code
-        return f"S3 {exc.operation_name} failed: {reason} ({code}, HTTP {status})"
+        retried = exc.response.get("ResponseMetadata", {}).get("RetryAttempts")
+        after = f", after {retried} retries" if retried else ""
+        return f"S3 {exc.operation_name} failed: {reason} ({code}, HTTP {status}{after})"
     return f"S3 request failed: {exc}"
 
 

@@ -32,11 +32,12 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import struct
 import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -57,11 +58,14 @@ from converters.megatron.legacy import is_rank_model_file, is_storage_record, zi
 from converters.tensors import FileRange, LazyTensor
 from converters.trtllm.plan import Target, rank_tensors
 from tasks.jobs import identity_digest
-from tasks.store import ArtifactStore, open_store
+from tasks.store import ArtifactError, ArtifactStore, open_store
+
+log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 _GET_SIZE = 16 * MiB  # largest single GET (bounds the memory of a fetch)
 _THREADS = 8  # concurrent GETs per process
+_SHORT_READS = 4  # a range read short this many times in a row fails (a changed object: at once)
 _GETS = threading.BoundedSemaphore(_THREADS)
 _WHOLE_FILES = frozenset({"metadata.json", "common.pt", ".metadata"})  # fetched whole
 _ZIP_END = 4096  # the end of a zip: end of central directory records (zip64 ones too)
@@ -217,7 +221,14 @@ def _iteration_prefix(store: ArtifactStore) -> str:
     tracker = store.stat(LATEST_FILE)
     if tracker is None:
         return ""
-    text = store.read_range(LATEST_FILE, 0, min(tracker.bytes, 64)).decode("ascii", "replace")
+
+    def unchanged() -> None:
+        now = store.stat(LATEST_FILE)
+        if now is None or now.etag != tracker.etag:
+            raise SourceChanged("changed while it was being read; retry", store.uri(LATEST_FILE))
+
+    data = _read_exactly(store, LATEST_FILE, 0, min(tracker.bytes, 64), unchanged)
+    text = data.decode("ascii", "replace")
     text = text.strip()
     if text == "release":
         return "release/"
@@ -312,6 +323,37 @@ def _total(ranges: list[Range]) -> int:
     return sum(end - start for start, end in ranges)
 
 
+def _read_exactly(
+    store: ArtifactStore, key: str, start: int, length: int, unchanged: Callable[[], None]
+) -> bytes:
+    """`length` bytes of `key` from `start`, which the caller knows the object holds. A read
+    that returns fewer (a body cut short where nothing announced its length, so the store could
+    not tell) is continued from where it stopped. A read that returns nothing calls
+    `unchanged()`, which raises SourceChanged if the object changed; after `_SHORT_READS` short
+    reads this raises ArtifactError: S3 keeps cutting the body short."""
+    parts, got, short = [], 0, 0
+    while got < length:
+        with _GETS:
+            data = store.read_range(key, start + got, length - got)
+        parts.append(data)
+        got += len(data)
+        if got < length:
+            short += 1
+            if not data or short >= _SHORT_READS:
+                unchanged()  # nothing more (the end of a shorter object?), or once too often
+            if short >= _SHORT_READS:
+                raise ArtifactError(
+                    f"S3 returned {got} of the {length} bytes at offset {start} after {short} "
+                    "short reads (the object is unchanged)",
+                    store.uri(key),
+                )
+            log.warning(
+                "%s: short read at %d (%d of %d bytes); reading the rest",
+                store.uri(key), start, got, length,
+            )  # fmt: skip
+    return b"".join(parts)
+
+
 # --------------------------------------------------------------------------------------------
 # One object's sparse local copy
 
@@ -388,14 +430,7 @@ class _SparseObject:
 
     def _fetch(self, fd: int, piece: Range) -> int:
         start, end = piece
-        with _GETS:
-            data = self.store.read_range(self.obj.key, start, end - start)
-        if len(data) != end - start:
-            raise SourceChanged(
-                f"got {len(data)} bytes at offset {start} where the listing promised "
-                f"{end - start} (object size {self.obj.size}); it changed, retry",
-                self.uri,
-            )
+        data = _read_exactly(self.store, self.obj.key, start, end - start, self._check_unchanged)
         view = memoryview(data)
         while view:
             written = os.pwrite(fd, view, start)

@@ -14,7 +14,7 @@ import redis
 from converters.errors import ConversionError
 from converters.model import DTYPES
 from tasks import cli_queue
-from tasks.jobs import ConvertSpec
+from tasks.jobs import ConvertSpec, check_location
 from tasks.powerinfer_index import IndexSpec
 
 
@@ -37,22 +37,30 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--parallel-embedding", action="store_true", help="split the vocab embedding over TP ranks"
     )
+    parser.add_argument(
+        "--nonfinite",
+        choices=["warn", "error"],
+        default="warn",
+        help="NaN/infinite weights: list them in the summary (warn, default) or fail (error)",
+    )
 
 
-def _location(text: str) -> str:
-    """An s3:// URI as given, a local path made absolute."""
+def _location(text: str, what: str) -> str:
+    """An s3:// URI as given, a local path made absolute; checked (NUL, '..', bucket names)."""
+    check_location(text, what)
     return text if text.startswith("s3://") else str(Path(text).resolve())
 
 
 def _spec(args: argparse.Namespace, output: str) -> ConvertSpec:
     return ConvertSpec(
-        source=_location(args.source),
-        output=_location(output),
+        source=_location(args.source, "SOURCE"),
+        output=output if output == "-" else _location(output, "OUTPUT"),
         tp=args.tp,
         pp=args.pp,
         dtype=args.dtype,
         parallel_embedding=args.parallel_embedding,
         engines=getattr(args, "engines", False),
+        nonfinite=args.nonfinite,
     )
 
 
@@ -210,7 +218,15 @@ def _convert(args: argparse.Namespace) -> int:
         print(
             f"{r['rank']:>4}  {_human(r['bytes_written']):>12}  {r['seconds']:>8.2f}  "
             f"{_human(r['peak_anon_bytes']):>11}  {_human(r['peak_rss_bytes']):>11}  {r['sha256'][:16]}"
+            + ("  (reused)" if r.get("reused") else "")
         )
+    for r in summary.ranks:
+        for found in r.get("nonfinite", []):
+            print(
+                f"warning: rank {r['rank']}: {found['tensor']} has {found['count']} NaN/infinite "
+                f"value(s) (from {', '.join(found['files'])}); --nonfinite error refuses them",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -255,8 +271,8 @@ def _index_budgets(args: argparse.Namespace) -> tuple:
 
 def _index_spec(args: argparse.Namespace) -> IndexSpec:
     return IndexSpec(
-        activations=_location(args.activations),
-        output=_location(args.output),
+        activations=_location(args.activations, "ACTIVATIONS"),
+        output=_location(args.output, "OUTPUT"),
         budgets=_index_budgets(args),
         batch=args.batch,
         threshold=args.threshold,

@@ -79,7 +79,7 @@ def check_location(value: Any, what: str) -> str:
     return value
 
 
-def _check_int(value: Any, what: str, low: int, high: int) -> int:
+def check_int(value: Any, what: str, low: int, high: int) -> int:
     if type(value) is not int:
         raise InvalidSpec(f"{what} must be an integer, got {_show(value)}")
     if not low <= value <= high:
@@ -122,8 +122,8 @@ class ConvertSpec:
         check_location(self.output, "OUTPUT")
         if self.output == self.source or self.output.startswith(self.source.rstrip("/") + "/"):
             raise InvalidSpec(f"OUTPUT {_show(self.output)} lies inside SOURCE")
-        _check_int(self.tp, "tp", 1, MAX_PARALLEL)
-        _check_int(self.pp, "pp", 1, MAX_PARALLEL)
+        check_int(self.tp, "tp", 1, MAX_PARALLEL)
+        check_int(self.pp, "pp", 1, MAX_PARALLEL)
         if self.tp * self.pp > MAX_PARALLEL:
             raise InvalidSpec(f"tp x pp = {self.tp * self.pp} ranks (at most {MAX_PARALLEL})")
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -154,19 +154,22 @@ class ConvertSpec:
     @classmethod
     def from_dict(cls, data: Any) -> ConvertSpec:
         """A spec from its JSON form; unknown, missing or mistyped fields are InvalidSpec."""
-        if not isinstance(data, dict):
-            raise InvalidSpec(f"a job spec must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(_show(k, 40) for k in data if k not in known)
-        if unknown:
-            shown = ", ".join(unknown[:5]) + (
-                f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
-            )
-            raise InvalidSpec(f"unknown field(s) in the job spec: {shown}")
-        missing = [name for name in ("source", "output", "tp") if name not in data]
-        if missing:
-            raise InvalidSpec(f"the job spec lacks {', '.join(missing)}")
-        return cls(**data)
+        return cls(**check_fields(data, cls, ("source", "output", "tp"), "the job spec"))
+
+
+def check_fields(data: Any, cls: type, required: tuple[str, ...], what: str) -> dict[str, Any]:
+    """`data` if it is a JSON object with only `cls`'s fields and all `required` ones."""
+    if not isinstance(data, dict):
+        raise InvalidSpec(f"{what} must be a JSON object, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(_show(k, 40) for k in data if k not in known)
+    if unknown:
+        more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        raise InvalidSpec(f"unknown field(s) in {what}: {', '.join(unknown[:5])}{more}")
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise InvalidSpec(f"{what} lacks {', '.join(missing)}")
+    return data
 
 
 def identity_digest(identity: list) -> str:

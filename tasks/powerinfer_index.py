@@ -15,6 +15,10 @@ from converters.powerinfer.activations import load_activations
 from converters.powerinfer.gpuindex import write_gpu_index
 from converters.powerinfer.select import select
 from converters.powerinfer.solver import DEFAULT_BATCH, given_split, group_values, solve
+from tasks.jobs import InvalidSpec, check_fields, check_int, check_location
+
+MAX_LAYERS = 100_000
+MAX_BUDGETS = 64
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,18 @@ class IndexBudget:
     capacity: int | None = None  # neurons on the GPU over all layers (solver input)
     counts: tuple[int, ...] | None = None  # explicit per-layer counts (solver skipped)
     formula: str = "given"  # how `capacity` was obtained
+
+    def __post_init__(self) -> None:
+        check_int(self.vram_capacity, "vram_capacity", 0, 2**64 - 1)
+        if self.capacity is not None:
+            check_int(self.capacity, "capacity", 0, 2**63 - 1)
+        if self.counts is not None:
+            if len(self.counts) > MAX_LAYERS:
+                raise InvalidSpec(f"counts has {len(self.counts)} entries (at most {MAX_LAYERS})")
+            for count in self.counts:
+                check_int(count, "a count", 0, 2**31 - 1)
+        if not isinstance(self.formula, str) or len(self.formula) > 1000:
+            raise InvalidSpec("formula must be a string of at most 1000 characters")
 
 
 @dataclass(frozen=True)
@@ -38,16 +54,33 @@ class IndexSpec:
     threshold: int = 0
     kind: str = field(default="powerinfer-index")
 
+    def __post_init__(self) -> None:
+        if self.kind != "powerinfer-index":
+            raise InvalidSpec(f"kind must be 'powerinfer-index', got {self.kind!r:.60}")
+        check_location(self.activations, "ACTIVATIONS")
+        check_location(self.output, "OUTPUT")
+        if not isinstance(self.budgets, tuple) or len(self.budgets) > MAX_BUDGETS:
+            raise InvalidSpec(f"budgets must be a list of at most {MAX_BUDGETS}")
+        check_int(self.batch, "batch", 1, 2**31 - 1)
+        check_int(self.threshold, "threshold", 0, 2**31 - 1)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> IndexSpec:
-        budgets = tuple(
-            IndexBudget(**{**b, "counts": tuple(b["counts"]) if b.get("counts") else None})
-            for b in data["budgets"]
-        )
-        return cls(**{**data, "budgets": budgets})
+    def from_dict(cls, data: Any) -> IndexSpec:
+        """A spec from its JSON form; unknown, missing or mistyped fields are InvalidSpec."""
+        data = check_fields(data, cls, ("activations", "output", "budgets"), "the index spec")
+        if not isinstance(data["budgets"], list) or len(data["budgets"]) > MAX_BUDGETS:
+            raise InvalidSpec(f"budgets must be a list of at most {MAX_BUDGETS}")
+        budgets = []
+        for entry in data["budgets"]:
+            entry = check_fields(entry, IndexBudget, ("vram_capacity",), "a budget")
+            counts = entry.get("counts")
+            if counts is not None and not isinstance(counts, list):
+                raise InvalidSpec("a budget's counts must be a list of integers")
+            budgets.append(IndexBudget(**{**entry, "counts": tuple(counts) if counts else None}))
+        return cls(**{**data, "budgets": tuple(budgets)})
 
 
 def _output_paths(spec: IndexSpec) -> list[Path]:

@@ -110,7 +110,8 @@ def convert_rank_step(
     key = rank_file_name(rank)
     done = _artifact_result(store, key, tag)
     if done:  # a re-delivered, retried or resumed step
-        return {"rank": rank, "bytes_read": 0, "bytes_fetched": 0, "bytes_cached": 0, **done}
+        zero = ("bytes_read", "bytes_fetched", "bytes_cached", "peak_anon_bytes", "peak_rss_bytes")
+        return {"rank": rank, "seconds": 0.0, "nonfinite": [], **dict.fromkeys(zero, 0), **done}
     source, fetched = sources.open_source_for_rank(
         spec.source, spec.target, rank, expected_digest=tag_digest(tag)
     )

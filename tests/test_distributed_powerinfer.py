@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,29 @@ def test_missing_layer_is_refused_at_submit(cluster, s3_env, activations):
     )
     assert result.returncode == 1 and result.stdout == ""
     assert "activation_4.pt" in result.stderr and f"s3://{s3_env}/acts" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"activations": "s3://bucket1/a", "output": "s3://bucket1/o", "budgets": [], "x": 1},
+            "unknown",
+        ),
+        ({"activations": "s3://bucket1/a", "output": "s3://bucket1/o"}, "lacks budgets"),
+        ({"activations": "s3://bucket1/a", "output": "s3://bucket1/../o", "budgets": []}, "'..'"),
+        ({"activations": "/a\x00", "output": "/o", "budgets": []}, "NUL"),
+        ({"activations": "/a", "output": "/o", "budgets": [{"vram_capacity": -1}]}, "range"),
+        (
+            {"activations": "/a", "output": "/o", "budgets": [{"vram_capacity": 1, "counts": 5}]},
+            "counts",
+        ),
+        ({"activations": "/a", "output": "/o", "budgets": [], "batch": 0}, "batch"),
+    ],
+)
+def test_malformed_index_specs_are_refused_clearly(data, message):
+    from tasks.jobs import InvalidSpec
+    from tasks.powerinfer_index import IndexSpec
+
+    with pytest.raises(InvalidSpec, match=re.escape(message)):
+        IndexSpec.from_dict(data)

@@ -629,11 +629,6 @@ def _queue_raw_job(cluster, spec: dict) -> str:
     return job
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tasks/executors/celery.py `plan` parses the spec (ConvertSpec.from_dict) outside "
-    "run_step, after records().start(job): the InvalidSpec escapes and the job stays RUNNING",
-)
 def test_spec_written_straight_into_redis_fails_the_job(cluster, s3_env):
     spec = {"source": f"s3://{s3_env}/src", "output": f"s3://{s3_env}/../escape", "tp": 2}
     job = _queue_raw_job(cluster, spec)

@@ -160,21 +160,25 @@ def job_record(job: str) -> dict[str, Any]:
     return record
 
 
-def inspect_step(job: str, spec: Any, inspect: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run the job's `inspect` step: inspect the source, check OUTPUT, keep the result in the
-    record. The source may have changed since submission (e.g. fixed before a retry): the job
-    keeps its id, and its artifacts are tagged with the version actually read."""
+def inspect_step(
+    job: str, parse_spec: Callable[[], Any], inspect: Callable[[Any], dict[str, Any]]
+) -> dict[str, Any]:
+    """Run the job's `inspect` step: check the spec (a record written by anything with access to
+    Redis may hold a bad one), inspect the source, check OUTPUT, keep the result in the record.
+    The source may have changed since submission (e.g. fixed before a retry): the job keeps its
+    id, and its artifacts are tagged with the version actually read."""
 
     def work() -> dict[str, Any]:
-        inspected = inspect()
+        spec = parse_spec()
+        inspected = inspect(spec)
         inspected["job_id"], inspected["tag"] = job, output_tag(job, inspected["source_digest"])
         manifest = steps.prepare_output(spec, job)
         records().update(job, inspected=inspected, source_digest=inspected["source_digest"])
-        return {"committed": manifest is not None}
+        return {"committed": manifest is not None, "manifest_uri": _manifest_uri(spec)}
 
     result = run_step(job, "inspect", work)
     if result["committed"]:  # converted before (same id): nothing to do
-        records().update(job, manifest_uri=_manifest_uri(spec))
+        records().update(job, manifest_uri=result["manifest_uri"])
         records().finish(job, SUCCEEDED)
     return result
 
@@ -204,8 +208,7 @@ def plan(job: str) -> dict[str, Any]:
         from tasks.executors.celery_powerinfer import plan_index
 
         return plan_index(job, attempt)
-    spec = _spec(record)
-    result = inspect_step(job, spec, lambda: steps.inspect_source(spec))
+    result = inspect_step(job, functools.partial(_spec, record), steps.inspect_source)
     if not result["committed"]:
         ranks = len(job_record(job)["inspected"]["ranks"])
         fan_out(job, attempt, reshard, "reshard", ranks, assemble, "assemble")

@@ -9,6 +9,7 @@ delivery cap); the steps are those of `tasks.powerinfer_steps`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from config.celery_app import app
@@ -24,8 +25,9 @@ def _job(job: str) -> tuple[dict[str, Any], IndexSpec]:
 
 def plan_index(job: str, attempt: int) -> dict[str, Any]:
     """Inspect the activation files and launch the per-layer statistics chord."""
-    _, spec = _job(job)
-    result = inspect_step(job, spec, lambda: steps.inspect_activations(spec))
+    record = job_record(job)
+    parse = functools.partial(IndexSpec.from_dict, record["spec"])
+    result = inspect_step(job, parse, steps.inspect_activations)
     if not result["committed"]:
         layers = len(job_record(job)["inspected"]["layers"])
         fan_out(job, attempt, layer_stats, "stats", layers, solve, "solve")

@@ -33,6 +33,7 @@ from tasks.powerinfer_index import IndexSpec
 from tasks.store import ArtifactStore, CachedFetcher, open_store
 
 WORK = "_work"
+MAX_ACTIVATION_BYTES = 256 * 2**20  # n_ff float32s: 28672 of them are 112 KiB
 
 
 def index_file_name(vram_capacity: int) -> str:
@@ -76,6 +77,13 @@ def inspect_activations(spec: IndexSpec) -> dict[str, Any]:
 def _load(spec: IndexSpec, key: str) -> np.ndarray:
     """One layer's activations, fetched into the local cache (by ETag) and validated."""
     store = open_store(spec.activations)
+    art = store.stat(key)
+    if art is not None and art.bytes > MAX_ACTIVATION_BYTES:  # refuse before downloading it
+        raise BadActivationShape(
+            f"is {art.bytes} bytes; a layer's activation vector (n_ff numbers) is far smaller "
+            f"(at most {MAX_ACTIVATION_BYTES} bytes accepted)",
+            store.uri(key),
+        )
     cache = Path(Settings.from_env().cache_dir or Path.home() / ".cache/porter") / "activations"
     path = CachedFetcher(cache).fetch(store, key)
     try:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from converters.errors import ConversionError
 from converters.powerinfer.gpuindex import read_gpu_index
 from converters.powerinfer.solver import solve
 from tasks.cli import main
@@ -135,3 +136,21 @@ def test_malformed_index_specs_are_refused_clearly(data, message):
 
     with pytest.raises(InvalidSpec, match=re.escape(message)):
         IndexSpec.from_dict(data)
+
+
+def test_an_absurdly_large_activation_object_is_refused_before_download(
+    s3_env, tmp_path, monkeypatch
+):
+    from tasks import powerinfer_steps
+    from tasks.powerinfer_index import IndexBudget, IndexSpec
+
+    big = tmp_path / "activation_0.pt"
+    big.write_bytes(b"\0" * 4096)
+    open_store(f"s3://{s3_env}/acts").put_file(big, "activation_0.pt")
+    monkeypatch.setattr(powerinfer_steps, "MAX_ACTIVATION_BYTES", 1024)
+    monkeypatch.setenv("PORTER_CACHE_DIR", str(tmp_path / "cache"))
+    spec = IndexSpec(f"s3://{s3_env}/acts", f"s3://{s3_env}/idx", (IndexBudget(1, capacity=256),))
+    with pytest.raises(ConversionError, match="4096 bytes") as info:
+        powerinfer_steps.layer_stats_step(spec, 0, "activation_0.pt")
+    assert info.value.path == f"s3://{s3_env}/acts/activation_0.pt"
+    assert not (tmp_path / "cache").exists()  # nothing was downloaded

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import pickle
+import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,6 +59,7 @@ _NUMPY_DTYPE_CLASSES = [
     getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")
 ]
 _STUBBED_PREFIX = "megatron."
+_LOAD_LOCK = threading.Lock()
 
 # The pickle inside a torch.save zip (`data.pkl`) holds structure, never tensor bytes; a real one is
 # kilobytes to a few MiB. A larger one is refused before it is read into memory.
@@ -173,7 +175,8 @@ def load_pt(path: Path, *, mmap: bool = True) -> Any:
         raise CorruptCheckpoint(f"cannot read the pickle: {exc}", path) from exc
     allowed = _safe_globals(path, names)
     try:
-        with torch.serialization.safe_globals(allowed):
+        # torch's safe-globals list is process-wide, not per thread: one load at a time.
+        with _LOAD_LOCK, torch.serialization.safe_globals(allowed):
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         detail = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()

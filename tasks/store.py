@@ -10,6 +10,7 @@ Keys are relative, '/'-separated paths (``"job/rank0.safetensors"``). Every arti
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -43,6 +44,30 @@ class ArtifactError(ConversionError):
 
 class CorruptArtifact(ArtifactError):
     """An artifact's bytes do not match the sha256 recorded when it was written."""
+
+
+class NoSpace(ArtifactError):
+    """A local write failed for lack of space: disk full, quota, or a file-size limit."""
+
+
+_NO_SPACE = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (the process's file-size limit, RLIMIT_FSIZE, or the file system's)",
+}
+
+
+@contextlib.contextmanager
+def space_errors(uri: str, what: str) -> Iterator[None]:
+    """Re-raise a write failing for lack of space (ENOSPC, EDQUOT, EFBIG) as NoSpace naming
+    `uri` and the local file (`what` says which file and, if useful, how to make room)."""
+    try:
+        yield
+    except OSError as exc:
+        reason = _NO_SPACE.get(exc.errno) if exc.errno is not None else None
+        if reason is None:
+            raise
+        raise NoSpace(f"{reason} while writing {what} ([Errno {exc.errno}])", uri) from exc
 
 
 class InvalidKey(ArtifactError, ValueError):
@@ -224,6 +249,12 @@ class LocalStore:
         tag: str | None = None,
         move: bool = False,
     ) -> Artifact:
+        with space_errors(self.uri(key), f"{key} in {self.root}"):
+            return self._put_file(local, key, sha256=sha256, tag=tag, move=move)
+
+    def _put_file(
+        self, local: Path, key: str, *, sha256: str | None, tag: str | None, move: bool
+    ) -> Artifact:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if move and sha256 is not None and os.stat(local).st_dev == os.stat(dest.parent).st_dev:
@@ -258,7 +289,8 @@ class LocalStore:
         dest.parent.mkdir(parents=True, exist_ok=True)
         path = dest.parent / f"{_RESERVED}tmp-{uuid.uuid4().hex}-{dest.name}"
         try:
-            yield path
+            with space_errors(self.uri(key), f"the scratch file {path}"):
+                yield path
         finally:
             path.unlink(missing_ok=True)
 
@@ -282,7 +314,8 @@ class LocalStore:
 
     def get_file(self, key: str, local: Path) -> Artifact:
         art = self._require(key)
-        with open(self._path(key), "rb") as src, _atomic_target(Path(local)) as tmp:
+        copy = space_errors(self.uri(key), f"the local copy {local}")
+        with copy, open(self._path(key), "rb") as src, _atomic_target(Path(local)) as tmp:
             with open(tmp, "wb") as dst:
                 sha, _ = _hash_copy(src, dst)
             _verify(self.uri(key), art.sha256, sha)
@@ -314,7 +347,7 @@ class LocalStore:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.parent / f"{_RESERVED}tmp-{uuid.uuid4().hex}-{dest.name}"
         try:
-            with open(tmp, "w") as f:
+            with space_errors(self.uri(key), str(tmp)), open(tmp, "w") as f:
                 json.dump(data, f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -595,7 +628,8 @@ class S3Store:
         fd, tmp = tempfile.mkstemp(prefix=f"{_RESERVED}tmp-", suffix=f"-{key.rsplit('/', 1)[-1]}")
         os.close(fd)
         try:
-            yield Path(tmp)
+            with space_errors(self.uri(key), f"the scratch file {tmp} (set TMPDIR to make room)"):
+                yield Path(tmp)
         finally:
             Path(tmp).unlink(missing_ok=True)
 
@@ -606,7 +640,8 @@ class S3Store:
         from botocore.exceptions import ChecksumError, FlexibleChecksumError
 
         art = self._require(key)
-        with _atomic_target(Path(local)) as tmp:
+        copy = space_errors(self.uri(key), f"the local copy {local}")
+        with copy, _atomic_target(Path(local)) as tmp:
             for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
                 try:
                     with self._errors(key):

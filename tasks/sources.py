@@ -58,7 +58,7 @@ from converters.megatron.legacy import is_rank_model_file, is_storage_record, zi
 from converters.tensors import FileRange, LazyTensor
 from converters.trtllm.plan import Target, rank_tensors
 from tasks.jobs import identity_digest
-from tasks.store import ArtifactError, ArtifactStore, open_store
+from tasks.store import ArtifactError, ArtifactStore, open_store, space_errors
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +379,15 @@ class _SparseObject:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[int]:
-        """Hold the object's exclusive lock; yield a read-write descriptor of the data file."""
+        """Hold the object's exclusive lock; yield a read-write descriptor of the data file.
+        A write that fails for lack of space (here or while the caller holds it) is NoSpace
+        naming the object and the cache file."""
+        where = f"the source cache file {self.data} (PORTER_CACHE_DIR)"
+        with space_errors(self.uri, where), self._locked_fd() as fd:
+            yield fd
+
+    @contextlib.contextmanager
+    def _locked_fd(self) -> Iterator[int]:
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / "lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)

@@ -18,7 +18,8 @@ turn, one of these kinds:
 - ``"latency"``: forwarded after `Faults.latency` seconds.
 
 `outage` (set it to ``"503"``, ``"500"`` or ``"reset"``) answers *every* request with that
-fault until it is set back to None: a persistent outage. `stats` counts requests, injected
+fault until it is set back to None: a persistent outage. `outage_from` = (kind, predicate)
+starts one at the first request for which ``predicate(method, path)`` is true. `stats` counts requests, injected
 faults by kind, retries (a request identical to one that was faulted: same method, path, query
 and Range) and the bytes a fault wasted (request bodies that never reached S3 and partial
 response bodies).
@@ -34,6 +35,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -89,6 +91,7 @@ class Stats:
     outage: int = 0  # requests answered by a persistent outage
     retries: int = 0  # requests repeating one that was faulted
     wasted_bytes: int = 0  # request bodies that never reached S3 + partial response bodies
+    body_bytes: int = 0  # response body bytes sent to clients (whole and partial)
     by_method: Counter = field(default_factory=Counter)
 
     @property
@@ -203,6 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             with proxy.lock:
                 proxy.stats.wasted_bytes += cut
+                proxy.stats.body_bytes += cut
             if kind == "bare":  # the client asks for the rest: that is its retry
                 proxy._continued((self.command, self.path, self.headers.get("Range")), cut)
             if kind == "truncate":
@@ -211,6 +215,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
             return
         self.wfile.write(data)
+        with proxy.lock:
+            proxy.stats.body_bytes += len(data)
 
 
 class FaultProxy:
@@ -221,6 +227,7 @@ class FaultProxy:
         self.upstream_host, self.upstream_port = parts.hostname, parts.port or 80
         self.faults = faults or Faults()
         self.outage: str | None = None
+        self.outage_from: tuple[str, Callable[[str, str], bool]] | None = None
         self.lock = threading.Lock()
         self.stats = Stats()
         self._random = random.Random(self.faults.seed)
@@ -278,6 +285,8 @@ class FaultProxy:
             streak = self._streak.pop(key, 0)
             if streak:
                 self.stats.retries += 1
+            if self.outage is None and self.outage_from and self.outage_from[1](method, path):
+                self.outage, self.outage_from = self.outage_from[0], None
             if self.outage is not None:
                 self.stats.outage += 1
                 self.stats.wasted_bytes += body_bytes

@@ -11,6 +11,10 @@ harmless.
 
 A pool process killed under a live worker (the OOM killer) needs none of this: the worker sees it
 die and re-queues its task at once (`task_reject_on_worker_lost`).
+
+The reaper also repairs a stalled chord: when every step of a fan-out finished but the chord's
+body never started (Redis was down as the last header task ended, and Celery lost the chord's
+count), it sends the body itself, once. Bodies are idempotent, so a late original is harmless.
 """
 
 from __future__ import annotations
@@ -22,12 +26,26 @@ import time
 import uuid
 from typing import Any
 
+from config.celery_app import CPU_QUEUE
 from config.settings import Settings
 from tasks.records import JobRecords
 
 log = logging.getLogger(__name__)
 
 LOCK = "porter:reaper"
+
+# Per job kind, each fan-out: (header step prefix, what counts its steps in the inspected plan,
+# the chord body's task, the body's first step).
+PHASES: dict[str, tuple[tuple[str, str, str, str], ...]] = {
+    "megatron-trtllm": (
+        ("reshard:", "ranks", "porter.assemble", "config"),
+        ("engine:", "ranks", "porter.publish", "publish"),
+    ),
+    "powerinfer-index": (
+        ("stats:", "layers", "porter.index.solve", "solve"),
+        ("topk:", "layers", "porter.index.assemble", "assemble"),
+    ),
+}
 
 
 def restore_message(app: Any, task_id: str) -> bool:
@@ -51,8 +69,29 @@ def alive_nodes(app: Any, nodes: set[str], timeout: float = 1.0) -> set[str]:
     return {node for reply in replies for node in reply}
 
 
+def stalled_chords(records: JobRecords, older_than: float) -> list[tuple[str, str, str]]:
+    """(job, body task, body step) of running jobs whose fan-out finished more than
+    `older_than` seconds ago without its chord body starting."""
+    found, now = [], time.time()
+    for job in records.running_jobs():
+        record = records.get(job)
+        if not record or not record.get("inspected"):
+            continue
+        done = record["steps"]
+        for prefix, counted, body, body_step in PHASES.get(record["kind"], ()):
+            names = [f"{prefix}{i}" for i in range(len(record["inspected"][counted]))]
+            if not names or body_step in done or any(n not in done for n in names):
+                continue
+            if any(done[n].get("state") != "SUCCEEDED" for n in names):
+                continue
+            if now - max(float(done[n].get("finished") or now) for n in names) > older_than:
+                found.append((job, body, body_step))
+    return found
+
+
 def reap(app: Any, records: JobRecords, settings: Settings) -> list[str]:
-    """One pass: re-queue the steps whose worker died; returns their task ids."""
+    """One pass: re-queue the steps whose worker died and start stalled chord bodies; returns
+    the task ids sent again."""
     token = uuid.uuid4().hex
     hold = max(1, int(settings.reaper_interval))
     if not records.redis.set(LOCK, token, nx=True, ex=hold):
@@ -71,6 +110,13 @@ def reap(app: Any, records: JobRecords, settings: Settings) -> list[str]:
                 "%s: %s lost its worker %s (no heartbeat for %.0f s); queued again",
                 job, step, fields.get("node"), time.time() - float(fields["heartbeat"]),
             )  # fmt: skip
+    for job, body, body_step in stalled_chords(records, settings.stale_after):
+        attempt = int(records.get(job, steps=False)["attempt"])
+        if records.mark_once(job, f"repaired:{body_step}:{attempt}"):
+            task = task_id(job, f"{body_step}-repair", attempt)
+            app.send_task(body, args=[job], task_id=task, queue=CPU_QUEUE)
+            requeued.append(task)
+            log.warning("%s: its fan-out finished but %s never started; started it", job, body)
     return requeued
 
 

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,15 @@ class JobRecords:
     """Read and write job records in one Redis database."""
 
     def __init__(self, url: str, *, ttl: int = 30 * 24 * 3600) -> None:
-        self.redis = redis.Redis.from_url(url, decode_responses=True, health_check_interval=10)
+        # Record writes ride out a Redis restart (AOF brings the data back): retried with backoff
+        # for about half a minute. Progress writes (`quiet`) use a client that fails at once.
+        patient = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=20)
+        self.redis = redis.Redis.from_url(
+            url, decode_responses=True, health_check_interval=10, retry=patient
+        )
+        self._quiet = redis.Redis.from_url(
+            url, decode_responses=True, retry=Retry(NoBackoff(), 0), socket_timeout=2
+        )
         self.ttl = ttl
         self._finish = self.redis.register_script(_FINISH)
 
@@ -100,8 +110,14 @@ class JobRecords:
             record["steps"] = dict(self.steps(job))
         return record
 
-    def state(self, job: str) -> str | None:
-        """The job's state, or None if there is no record."""
+    def state(self, job: str, *, quiet: bool = False) -> str | None:
+        """The job's state, or None if there is no record (with `quiet`: also if Redis is
+        unreachable right now, without waiting for it)."""
+        if quiet:
+            try:
+                return self._quiet.hget(self._job(job), "state")
+            except redis.RedisError:
+                return None
         return self.redis.hget(self._job(job), "state")
 
     def steps(self, job: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -167,6 +183,10 @@ class JobRecords:
                 pipe.expire(key, self.ttl)
             pipe.execute()
 
+    def mark_once(self, job: str, name: str) -> bool:
+        """Set the flag `name` on the job; True only for the first caller."""
+        return bool(self.redis.hsetnx(self._job(job), name, json.dumps(time.time())))
+
     def running_jobs(self) -> list[str]:
         """Jobs in RUNNING (started and not ended)."""
         return sorted(self.redis.smembers(f"{_PREFIX}running"))
@@ -185,7 +205,7 @@ class JobRecords:
     def step(self, job: str, step: str, *, quiet: bool = False, **fields: Any) -> None:
         """Record fields of a step (creating it); with `quiet`, Redis errors are logged, not raised."""
         try:
-            pipe = self.redis.pipeline()
+            pipe = (self._quiet if quiet else self.redis).pipeline()
             pipe.zadd(f"{self._job(job)}:steps", {step: time.time()}, nx=True)
             pipe.hset(self._step(job, step), mapping=_encode(fields))
             pipe.execute()

@@ -62,3 +62,22 @@ def test_index_forgets_expired_jobs(redis_url):
     rec.redis.delete(f"porter:job:{job}")
     assert job not in rec.job_ids(1000)
     assert rec.redis.zscore("porter:jobs", job) is None
+
+
+def test_a_finished_fan_out_without_its_chord_body_is_found(redis_url):
+    from tasks.reaper import stalled_chords
+
+    rec, job = records(redis_url), new_job()
+    rec.create(job, "megatron-trtllm", {})
+    rec.start(job)
+    rec.update(job, inspected={"ranks": [{}, {}]})
+    long_ago = time.time() - 100
+    rec.step(job, "reshard:0", state="SUCCEEDED", finished=long_ago)
+    assert (job, "porter.assemble", "config") not in stalled_chords(rec, 30)  # rank 1 missing
+    rec.step(job, "reshard:1", state="SUCCEEDED", finished=time.time())
+    assert (job, "porter.assemble", "config") not in stalled_chords(rec, 30)  # just finished
+    rec.step(job, "reshard:1", state="SUCCEEDED", finished=long_ago)
+    assert (job, "porter.assemble", "config") in stalled_chords(rec, 30)
+    rec.step(job, "config", state="RUNNING")
+    assert (job, "porter.assemble", "config") not in stalled_chords(rec, 30)  # the body started
+    assert rec.mark_once(job, "repaired:config:1") and not rec.mark_once(job, "repaired:config:1")

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from celery import chord, current_task
 from celery.exceptions import Ignore, Reject
 from celery.signals import worker_ready
@@ -117,9 +118,12 @@ def run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[st
         raise Ignore() from None
     except Exception as exc:
         message = _message(exc)
-        rec.step(job, step, quiet=True, state=FAILED, error=message, finished=time.time())
-        if rec.finish(job, FAILED, f"{step}: {message}"):
-            log.error("%s failed in %s: %s", job, step, message)
+        try:  # (retried through a Redis restart; if Redis stays away, the original error wins)
+            rec.step(job, step, state=FAILED, error=message, finished=time.time())
+            if rec.finish(job, FAILED, f"{step}: {message}"):
+                log.error("%s failed in %s: %s", job, step, message)
+        except redis.RedisError:
+            log.exception("%s: could not record the failure of %s: %s", job, step, message)
         raise
     if rec.state(job) == CANCELLED:  # cancelled while this step ran: leave nothing behind
         steps.remove_outputs(_spec(rec.get(job, steps=False)), job)
@@ -138,11 +142,7 @@ def _progress(job: str, step: str) -> Progress:
             return
         last[0] = now
         rec.step(job, step, quiet=True, done=done, total=total)
-        try:
-            cancelled = rec.state(job) == CANCELLED
-        except Exception:  # Redis restarting: keep converting
-            cancelled = False
-        if cancelled:
+        if rec.state(job, quiet=True) == CANCELLED:  # unknown while Redis restarts: go on
             raise JobCancelled(job)
 
     return report

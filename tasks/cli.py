@@ -394,7 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, RuntimeError, ValueError) as exc:
         if os.environ.get("PORTER_DEBUG"):
             raise
-        print(f"porter: error: {exc}".splitlines()[0], file=sys.stderr)
+        where = getattr(exc, "filename", None)
+        text = f"{where}: {exc}" if where and str(where) not in str(exc) else str(exc)
+        print(f"porter: error: {text}".splitlines()[0], file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("porter: interrupted; nothing was published", file=sys.stderr)

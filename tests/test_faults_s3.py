@@ -250,12 +250,6 @@ def test_outage_fails_the_local_conversion_and_publishes_nothing(
     assert open_store(f"s3://{s3_env}/out").list() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: run_conversion's cleanup (steps.remove_outputs) fails during the same "
-    "outage and its error (out/manifest.json: S3 GetObject failed) replaces the rank's own "
-    "error (tasks/executors/local.py)",
-)
 def test_outage_from_a_rank_upload_on_reports_the_rank_error(
     faulty: FaultProxy, s3_env: str, megatron, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

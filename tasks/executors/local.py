@@ -9,6 +9,7 @@ job's files are removed from OUTPUT.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import queue as queue_module
@@ -28,6 +29,7 @@ from converters.errors import ConversionError
 from tasks import steps
 from tasks.jobs import ConvertSpec
 
+log = logging.getLogger(__name__)
 _progress_queue: Any = None
 
 
@@ -121,8 +123,12 @@ def run_conversion(
         results = _convert_ranks(spec, tag, inspected, count, on_progress)
         config = steps.write_config_step(spec, tag, inspected)
         steps.publish_step(spec, job, tag, steps.source_summary(inspected), [*results, config])
-    except BaseException:
-        steps.remove_outputs(spec, job)
+    except BaseException as failure:
+        try:
+            steps.remove_outputs(spec, job)
+        except Exception as cleanup:  # e.g. the same S3 outage: the first error is the one to see
+            log.warning("could not remove the job's files from %s: %s", spec.output, cleanup)
+            failure.add_note(f"its files in {spec.output} could not be removed: {cleanup}")
         if created_output:
             _remove_if_only_porter_files(output)
         raise

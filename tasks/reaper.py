@@ -49,14 +49,15 @@ PHASES: dict[str, tuple[tuple[str, str, str, str], ...]] = {
 
 
 def restore_message(app: Any, task_id: str) -> bool:
-    """Put the unacknowledged message of `task_id` back at the head of its queue; False if no
+    """Put the unacknowledged message of `task_id` back on its queue, first in line; False if no
     such message is waiting for an acknowledgement."""
     with app.connection_for_write() as conn:
         channel = conn.default_channel
         for tag, raw in channel.client.hgetall(channel.unacked_key).items():
             message = json.loads(raw)[0]
             if message.get("headers", {}).get("id") == task_id:
-                channel.qos.restore_by_tag(tag, leftmost=True)
+                # Workers BRPOP from the right: RPUSH (leftmost=False) makes it the next one taken.
+                channel.qos.restore_by_tag(tag, leftmost=False)
                 return True
     return False
 

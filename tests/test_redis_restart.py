@@ -165,7 +165,7 @@ def test_redis_down_when_a_rank_ends_the_job_still_ends(restartable, s3_env, meg
     server.stop()
     time.sleep(6)  # the rank (about 3 s) ends while Redis is down
     server.start()
-    record = wait_state(records, job, ("SUCCEEDED", "FAILED"), timeout=45)
+    record = wait_state(records, job, ("SUCCEEDED", "FAILED"), timeout=30)
     assert record["state"] == "SUCCEEDED", record["error"]
     got = download(f"s3://{s3_env}/out", tmp_path / "got")
     assert b'"job_id"' in got.pop("manifest.json")

@@ -628,22 +628,23 @@ def _notes(res: dict[str, Any]) -> list[str]:
         "embedding), so a worker that ran one of them has the other's bytes cached. A re-run on "
         "a fresh machine would fetch about what the undisturbed run of that rank fetched."
     )
-    if any(res.get(k, {}).get("started_between") for k in ("kill_short", "pool_child")):
+    if res.get("pool_child", {}).get("started_between"):
         out.append(
-            "- A re-delivered step goes to the back of its queue, behind the steps queued "
-            "meanwhile: Celery's reject-on-worker-lost and the reaper (`tasks/reaper.py`, "
-            "`restore_by_tag(..., leftmost=True)`) both restore the message with kombu's "
-            "`leftmost=True`, an LPUSH, while workers take messages from the other end (BRPOP)."
+            "- After the pool child's death the step went to the back of the queue, behind "
+            "the ranks already waiting: Celery's reject-on-worker-lost requeues through kombu's "
+            "`_restore_at_beginning`, an LPUSH, and workers take messages from the other end "
+            "(BRPOP). In a busy cluster an OOM-killed rank waits for everything queued before "
+            "it. The reaper puts the steps it recovers first in line (RPUSH, `tasks/reaper.py`)."
         )
     out += [
         "- *deliveries* is the step's own counter in the job record (one per start of the "
         "step); it counts re-deliveries whatever caused them.",
         "- One run per scenario on a shared 2-core machine: repeated runs differ by seconds.",
-        "- Not measured here, tested in `tests/test_redis_restart.py`: redis-server restarted "
-        "(SIGTERM, down 1 s, same port and AOF) while a rank writes progress: the progress "
-        "writes fail and are logged, the step goes on, the job SUCCEEDED with the same bytes. "
-        "If Redis is down when a rank *ends*, the job is left RUNNING for good (a known bug, "
-        "a strict xfail in that test).",
+        "- Not measured here, tested in `tests/test_redis_restart.py` (own redis-server, AOF "
+        "with `appendfsync always`, SIGTERM and start again on the same port and directory): "
+        "down 1 s while a rank writes progress, the progress writes fail and are logged and "
+        "the step goes on; down 6 s across the end of a rank, the job still ends. Both "
+        "SUCCEEDED with the same bytes as an undisturbed run.",
     ]
     return out
 

@@ -4,10 +4,10 @@ With the Redis broker and `acks_late`, the message of a task whose worker was ki
 machine lost) goes back to the queue only after the visibility timeout, which must exceed the
 longest rank (hours). Instead, every running step writes a heartbeat into its record; the reaper,
 a thread in each worker's main process (one active at a time, under a Redis lock), looks for
-running steps whose heartbeat is older than `stale_after` and whose worker does not answer a ping,
-and moves their unacknowledged message straight back to its queue (kombu's own restore). Steps are
-idempotent, so the late duplicate the broker may still deliver after the visibility timeout is
-harmless.
+running steps whose heartbeat is older than `stale_after` and whose worker does not answer a ping
+(twice, a pass apart), and moves their unacknowledged message straight back to its queue, first
+in line (kombu's own restore). Steps are idempotent, so the late duplicate the broker may still
+deliver after the visibility timeout is harmless.
 
 A pool process killed under a live worker (the OOM killer) needs none of this: the worker sees it
 die and re-queues its task at once (`task_reject_on_worker_lost`).
@@ -100,10 +100,19 @@ def reap(app: Any, records: JobRecords, settings: Settings) -> list[str]:
     stale = records.stale_steps(settings.stale_after)
     alive = alive_nodes(app, {f["node"] for _, _, f in stale if f.get("node")})
     requeued = []
+    now = time.time()
     for job, step, fields in stale:
         task_id = fields.get("task_id")
         if not task_id or fields.get("node") in alive:
             continue  # a live worker still owns it (slow, or hung: not ours to take)
+        # A worker still reconnecting after a Redis restart can miss one ping: take a step only
+        # when its worker missed two, a reaper interval apart.
+        suspected = float(fields.get("suspected") or 0)
+        if suspected <= float(fields["heartbeat"]):
+            records.step(job, step, suspected=now)
+            continue
+        if now - suspected < settings.reaper_interval:
+            continue
         if restore_message(app, task_id):
             records.step(job, step, state="REQUEUED", requeued=time.time())
             requeued.append(task_id)

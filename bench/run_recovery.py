@@ -617,7 +617,9 @@ def _notes(res: dict[str, Any]) -> list[str]:
             f"- With the production settings the dead worker's rank waited "
             f"{kp['restarted_s']:.0f} s before running again: up to 5 s since its last heartbeat, "
             "30 s until it counts as stale, up to 10 s for the next reaper pass (one pass per "
-            "10 s cluster-wide, under a Redis lock) and a 1 s ping of the dead node. With the "
+            "10 s cluster-wide, under a Redis lock), a 1 s ping of the dead node, and a second "
+            "missed ping one pass (10 s) later before the step is taken (a worker reconnecting "
+            "after a Redis restart can miss one). With the "
             f"short settings it waited {ks['restarted_s']:.1f} s. Without the reaper it would "
             "wait for the visibility timeout (12 h)."
         )

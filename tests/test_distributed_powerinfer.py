@@ -17,24 +17,18 @@ from tasks.cli import main
 from tasks.records import JobRecords
 from tasks.store import open_store
 from tests.test_distributed import download, upload, wait_state
+from tests.test_powerinfer_cli import LAYERS, N_FF, write_activations  # 12 layers: > 10
 
-LAYERS, N_FF = 12, 1024  # more than 10 layers: blk.i must come from activation_i
 BUDGETS = ["--vram-capacity", "4000000000", "--capacity", "4096",
            "--vram-capacity", "8000000000", "--capacity", "8192"]  # fmt: skip
 
 
 @pytest.fixture
 def activations(tmp_path) -> tuple[Path, np.ndarray]:
-    rng = np.random.default_rng(11)
-    values = rng.lognormal(mean=np.arange(LAYERS)[:, None] / 4, sigma=1.5, size=(LAYERS, N_FF))
     directory = tmp_path / "activation"
-    directory.mkdir()
-    for layer in range(LAYERS):
-        torch.save(
-            torch.tensor(values[layer], dtype=torch.float32), directory / f"activation_{layer}.pt"
-        )
+    values = write_activations(directory, seed=11)
     (directory / "notes.txt").write_text("ignored")
-    return directory, values.astype(np.float32).astype(np.float64)
+    return directory, values
 
 
 def test_index_job_s3_to_s3_equals_porter_convert(cluster, s3_env, activations, tmp_path):

@@ -16,17 +16,22 @@ from tasks.cli import main
 LAYERS, N_FF = 12, 1024
 
 
-@pytest.fixture
-def activations(tmp_path) -> tuple[Path, np.ndarray]:
-    rng = np.random.default_rng(7)
+def write_activations(directory: Path, seed: int) -> np.ndarray:
+    """`activation_<i>.pt` for LAYERS layers of N_FF neurons (later layers hotter); returns the
+    values as saved (float32), in float64."""
+    rng = np.random.default_rng(seed)
     values = rng.lognormal(mean=np.arange(LAYERS)[:, None] / 4, sigma=1.5, size=(LAYERS, N_FF))
-    directory = tmp_path / "activation"
     directory.mkdir()
     for layer in range(LAYERS):
         torch.save(
             torch.tensor(values[layer], dtype=torch.float32), directory / f"activation_{layer}.pt"
         )
-    return directory, values.astype(np.float32).astype(np.float64)
+    return values.astype(np.float32).astype(np.float64)
+
+
+@pytest.fixture
+def activations(tmp_path) -> tuple[Path, np.ndarray]:
+    return tmp_path / "activation", write_activations(tmp_path / "activation", seed=7)
 
 
 def convert(*args: str) -> int:

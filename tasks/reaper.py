@@ -5,7 +5,7 @@ machine lost) goes back to the queue only after the visibility timeout, which mu
 longest rank (hours). Instead, every running step writes a heartbeat into its record; the reaper,
 a thread in each worker's main process (one active at a time, under a Redis lock), looks for
 running steps whose heartbeat is older than `stale_after` and whose worker does not answer a ping
-(twice, a pass apart), and moves their unacknowledged message straight back to its queue, first
+or no longer holds the task (twice, a pass apart), and moves their unacknowledged message straight back to its queue, first
 in line (kombu's own restore). Steps are idempotent, so the late duplicate the broker may still
 deliver after the visibility timeout is harmless.
 
@@ -90,6 +90,17 @@ def stalled_chords(records: JobRecords, older_than: float) -> list[tuple[str, st
     return found
 
 
+def tasks_held(app: Any, nodes: set[str], timeout: float = 1.0) -> set[str]:
+    """Ids of the tasks that the worker nodes among `nodes` are running or hold reserved."""
+    if not nodes:
+        return set()
+    inspect = app.control.inspect(destination=sorted(nodes), timeout=timeout)
+    held = set()
+    for replies in (inspect.active() or {}, inspect.reserved() or {}):
+        held |= {task["id"] for tasks in replies.values() for task in tasks}
+    return held
+
+
 def reap(app: Any, records: JobRecords, settings: Settings) -> list[str]:
     """One pass: re-queue the steps whose worker died and start stalled chord bodies; returns
     the task ids sent again."""
@@ -99,12 +110,15 @@ def reap(app: Any, records: JobRecords, settings: Settings) -> list[str]:
         return []  # another worker's reaper has this round
     stale = records.stale_steps(settings.stale_after)
     alive = alive_nodes(app, {f["node"] for _, _, f in stale if f.get("node")})
+    # A live worker can lose a task too: a pool process killed before Celery saw the task start
+    # is neither re-queued nor running ("Task handler raised error: WorkerLostError").
+    held = tasks_held(app, {f["node"] for _, _, f in stale if f.get("node") in alive})
     requeued = []
     now = time.time()
     for job, step, fields in stale:
         task_id = fields.get("task_id")
-        if not task_id or fields.get("node") in alive:
-            continue  # a live worker still owns it (slow, or hung: not ours to take)
+        if not task_id or task_id in held:
+            continue  # a live worker still runs it (slow, or hung: not ours to take)
         # A worker still reconnecting after a Redis restart can miss one ping: take a step only
         # when its worker missed two, a reaper interval apart.
         suspected = float(fields.get("suspected") or 0)

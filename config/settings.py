@@ -1,17 +1,22 @@
 """Porter's settings: one `Settings` object, from an optional TOML file and `PORTER_*` env vars.
 
-Precedence: environment variable `PORTER_<FIELD>` > the file named by `PORTER_CONFIG` (keys are the
-field names, at the top level or under a `[porter]` table) > the defaults below. S3 is configured
-through boto3's own standard configuration (`AWS_ENDPOINT_URL_S3`, credentials, region), not here.
+Precedence: environment variable `PORTER_<FIELD>` > the file named by `PORTER_CONFIG` (TOML, or
+YAML when it ends in .yaml/.yml; keys are the field names, at the top level or under a `porter`
+table) > the defaults below. The same file holds export profiles (`config.profiles`). S3 is
+configured through boto3's own standard configuration (`AWS_ENDPOINT_URL_S3`, credentials, region),
+not here. Secrets (`*_secret`) are best given as environment variables; they never appear in a
+repr or a log line.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 HOUR = 3600
 
@@ -51,6 +56,20 @@ class Settings:
     # Seconds between progress writes of a running step.
     progress_interval: float = 0.5
 
+    # HTTP service (`porter serve`). Shared secret of the training-complete hook (HMAC-SHA256 of
+    # the raw body); "" refuses every hook.
+    hook_secret: str = field(default="", repr=False)
+    # A signed hook older or newer than this (seconds) is refused: replay window.
+    hook_max_age: float = 300.0
+    # Hugging Face Hub webhook secret (sent as-is in X-Webhook-Secret); "" refuses them.
+    hf_webhook_secret: str = field(default="", repr=False)
+    # Largest request body the service reads (bytes); larger ones get 413.
+    max_request_bytes: int = 2**20
+    # Notifications: signing secret ("" sends them unsigned), attempts and first backoff.
+    notify_secret: str = field(default="", repr=False)
+    notify_attempts: int = 5
+    notify_backoff: float = 2.0
+
     @classmethod
     def from_env(cls) -> Settings:
         """Settings from the defaults, the `PORTER_CONFIG` file and `PORTER_<FIELD>` variables."""
@@ -65,11 +84,23 @@ class Settings:
         return cls(**{name: _coerce(cls, name, value) for name, value in values.items()})
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The Porter config file as a dict: TOML, or YAML for a .yaml/.yml name."""
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            data = tomllib.loads(text)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         raise ValueError(f"{path}: cannot read the Porter config file: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the Porter config file must be a table of settings")
+    return data
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    data = read_config_file(path)
     table = data.get("porter", data)
     known = {f.name for f in fields(Settings)}
     unknown = sorted(k for k in table if k not in known and not isinstance(table[k], dict))

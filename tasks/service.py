@@ -15,9 +15,10 @@ from config.celery_app import app
 from config.settings import Settings
 from converters.errors import ConversionError
 from tasks import sources, steps
-from tasks.jobs import ConvertSpec, job_id, task_id
+from tasks.jobs import job_id, task_id
 from tasks.powerinfer_index import IndexSpec
 from tasks.records import CANCELLED, FAILED, PENDING, SUCCEEDED, TERMINAL, JobRecords
+from tasks.specs import JobSpec, parse_spec
 
 
 class JobNotFound(ConversionError):
@@ -34,7 +35,7 @@ def _send_plan(job: str, attempt: int) -> None:
     app.send_task("porter.plan", args=[job], task_id=task_id(job, "plan", attempt), queue="cpu")
 
 
-def _identity(spec: ConvertSpec | IndexSpec) -> list:
+def _identity(spec: JobSpec) -> list:
     """The source identity of a job spec, from listings (no weights or statistics are read)."""
     if isinstance(spec, IndexSpec):
         from tasks.powerinfer_steps import activation_identity
@@ -43,13 +44,26 @@ def _identity(spec: ConvertSpec | IndexSpec) -> list:
     return sources.source_identity(spec.source)
 
 
-def submit(spec: ConvertSpec | IndexSpec, records: JobRecords) -> tuple[str, bool]:
-    """Queue `spec`; returns (job id, whether this call created the job)."""
-    job = job_id(spec, _identity(spec))
-    created = records.create(job, spec.kind, spec.to_dict(), output=spec.output)
-    if created:
-        _send_plan(job, 1)
-    return job, created
+def submit(spec: JobSpec, records: JobRecords, **labels: Any) -> tuple[str, bool]:
+    """Queue `spec`; returns (job id, whether this call created the job). `labels` (model,
+    profile, export, iteration, trigger, notify) are stored in a new record, not in the id."""
+    return submit_many([(spec, labels)], records)[0]
+
+
+def submit_many(
+    specs: list[tuple[JobSpec, dict[str, Any]]], records: JobRecords
+) -> list[tuple[str, bool]]:
+    """Queue several jobs, all or nothing as far as checking goes: every source is listed and
+    every id computed before the first job is created, so a bad entry submits none.
+    Returns (job id, created) per spec, in order."""
+    jobs = [job_id(spec, _identity(spec)) for spec, _ in specs]
+    results = []
+    for job, (spec, labels) in zip(jobs, specs, strict=True):
+        created = records.create(job, spec.kind, spec.to_dict(), output=spec.output, **labels)
+        if created:
+            _send_plan(job, 1)
+        results.append((job, created))
+    return results
 
 
 def get(records: JobRecords, job: str) -> dict[str, Any]:
@@ -74,10 +88,8 @@ def cancel(records: JobRecords, job: str) -> dict[str, Any]:
     return {"job": job, "removed_files": removed}
 
 
-def _spec(record: dict[str, Any]) -> ConvertSpec | IndexSpec:
-    if record["kind"] == "powerinfer-index":
-        return IndexSpec.from_dict(record["spec"])
-    return ConvertSpec.from_dict(record["spec"])
+def _spec(record: dict[str, Any]) -> JobSpec:
+    return parse_spec({"kind": record["kind"], **record["spec"]})
 
 
 def _step_names(record: dict[str, Any]) -> list[str]:

@@ -239,6 +239,24 @@ def _iteration_prefix(store: ArtifactStore) -> str:
     )
 
 
+def latest_iteration(root: str) -> tuple[str, str]:
+    """(location of the iteration, its label) that `latest_checkpointed_iteration.txt` under the
+    training output `root` names: ("s3://b/run/iter_0000300", "300"), or ".../release" and
+    "release". A root without the tracker is NotAMegatronCheckpoint naming it."""
+    if _is_s3(root):
+        store = open_store(root)
+        if store.stat(LATEST_FILE) is None:
+            raise NotAMegatronCheckpoint(f"no {LATEST_FILE} under this training output", root)
+        name = _iteration_prefix(store).rstrip("/")
+        location = store.uri(name)
+    else:
+        if not (Path(root) / LATEST_FILE).is_file():
+            raise NotAMegatronCheckpoint(f"no {LATEST_FILE} under this training output", root)
+        iter_dir = resolve_iteration_dir(Path(root))
+        name, location = iter_dir.name, str(iter_dir)
+    return location, "release" if name == "release" else str(int(name[len("iter_") :]))
+
+
 def _locate(uri: str) -> _Location:
     """The iteration of an s3:// checkpoint and its objects (sizes and ETags); errors name `uri`."""
     store = open_store(uri)

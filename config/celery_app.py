@@ -1,7 +1,8 @@
 """The Celery app: Redis broker and backend, JSON only, the reliability settings of the pipeline spec.
 
 Task modules are named by string (`include`), never imported here: `config` does not depend on
-`tasks`. Queues: `cpu` (inspect, re-shard, config, publish) and `gpu` (engine builds).
+`tasks` (except on `tasks.metrics`, imported at the end for its signal handlers). Queues: `cpu`
+(inspect, re-shard, config, publish) and `gpu` (engine builds).
 """
 
 from __future__ import annotations
@@ -59,3 +60,7 @@ def make_app(settings: Settings | None = None) -> Celery:
 
 
 app = make_app()
+
+# Task metrics come from Celery signals in every process that sends or runs tasks (workers, CLI,
+# API): the one import from `tasks` here, of a module that imports nothing of `tasks`.
+import tasks.metrics  # noqa: E402, F401

@@ -32,7 +32,7 @@ from celery.signals import worker_ready
 from config.celery_app import GPU_QUEUE, app
 from config.settings import Settings
 from converters.trtllm.convert import Progress
-from tasks import steps
+from tasks import metrics, steps
 from tasks.jobs import ConvertSpec, output_tag, task_id
 from tasks.records import CANCELLED, FAILED, RUNNING, SUCCEEDED, TERMINAL, JobRecords
 from tasks.store import open_store
@@ -92,13 +92,16 @@ def run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[st
         log.info("%s: job is %s; %s skipped", job, state, step)
         raise Ignore()
     deliveries = rec.count_delivery(job, step)
+    if deliveries > 1:
+        metrics.count_redelivery(step)
     if deliveries > settings().max_deliveries:
         message = (
             f"{step}: its worker died {deliveries - 1} times while running it (killed, or out "
             "of memory?); giving up"
         )
         rec.step(job, step, state=FAILED, error=message, finished=time.time())
-        rec.finish(job, FAILED, message)
+        if rec.finish(job, FAILED, message):
+            metrics.job_finished(job, FAILED)
         raise Reject(message, requeue=False)
     started = time.time()
     worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -113,6 +116,7 @@ def run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[st
         fields = {k: v for k, v in result.items() if k not in ("state", "error")}
         fields = {"seconds": finished - started, **fields}
         rec.step(job, step, state=SUCCEEDED, finished=finished, **fields)
+        metrics.observe_result(step, finished - started, result)
     except JobCancelled:
         rec.step(job, step, quiet=True, state=CANCELLED, finished=time.time())
         raise Ignore() from None
@@ -121,6 +125,7 @@ def run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[st
         try:  # (retried through a Redis restart; if Redis stays away, the original error wins)
             rec.step(job, step, state=FAILED, error=message, finished=time.time())
             if rec.finish(job, FAILED, f"{step}: {message}"):
+                metrics.job_finished(job, FAILED)
                 log.error("%s failed in %s: %s", job, step, message)
         except redis.RedisError:
             log.exception("%s: could not record the failure of %s: %s", job, step, message)
@@ -179,7 +184,8 @@ def inspect_step(
     result = run_step(job, "inspect", work)
     if result["committed"]:  # converted before (same id): nothing to do
         records().update(job, manifest_uri=result["manifest_uri"])
-        records().finish(job, SUCCEEDED)
+        if records().finish(job, SUCCEEDED):
+            metrics.job_finished(job, SUCCEEDED)
     return result
 
 
@@ -287,7 +293,8 @@ def commit_job(
 
     result = run_step(job, "publish", commit)
     records().update(job, manifest_uri=result["manifest_uri"])
-    records().finish(job, SUCCEEDED)
+    if records().finish(job, SUCCEEDED):
+        metrics.job_finished(job, SUCCEEDED)
     return result
 
 

@@ -56,7 +56,10 @@ class Settings:
     # Seconds between progress writes of a running step.
     progress_interval: float = 0.5
 
-    # HTTP service (`porter serve`). Shared secret of the training-complete hook (HMAC-SHA256 of
+    # HTTP service (`porter serve`). Bearer token of the job-changing calls (POST /v1/jobs,
+    # cancel, retry); "" disables them (reads, metrics and signed hooks still work).
+    api_token: str = field(default="", repr=False)
+    # Shared secret of the training-complete hook (HMAC-SHA256 of
     # the raw body); "" refuses every hook.
     hook_secret: str = field(default="", repr=False)
     # A signed hook older or newer than this (seconds) is refused: replay window.

@@ -1,65 +1,240 @@
-"""Porter's HTTP status API (read-only): job records as JSON, for dashboards and scripts.
+"""Porter's HTTP service (`porter serve`, FastAPI on uvicorn).
 
-    GET /healthz            Redis reachable
-    GET /v1/jobs            recent jobs (?state=FAILED&limit=50)
-    GET /v1/jobs/{id}       one job with its steps and progress
+    GET  /healthz                          Redis and the profiles' S3 buckets reachable
+    GET  /metrics                          Prometheus exposition
+    GET  /v1/jobs?state=&model=&limit=     recent jobs
+    GET  /v1/jobs/{id}                     one job with its steps and progress
+    POST /v1/jobs                          a job spec → its id (same spec → same id)   [token]
+    POST /v1/jobs/{id}/cancel                                                         [token]
+    POST /v1/jobs/{id}/retry                                                          [token]
+    POST /v1/hooks/training-complete       signed (X-Porter-Signature, `tasks.signing`)
+    POST /v1/hooks/huggingface             Hub webhook (X-Webhook-Secret)
 
-Served by `porter serve` (uvicorn). It changes nothing, so it needs no token; job-changing calls
-(submit, cancel, retry) are the CLI's for now.
+Job-changing calls need `Authorization: Bearer <PORTER_API_TOKEN>` (disabled when no token is
+set). Request bodies are read up to `max_request_bytes` (413 beyond). Secrets, tokens and
+signatures are never logged or echoed.
 """
 
 from __future__ import annotations
 
+import hmac
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
 
-from tasks import service
+from config.settings import Settings
+from converters.errors import ConversionError
+from tasks import hooks, service
+from tasks.profiles import Profile, load_profiles
 from tasks.records import JobRecords
+from tasks.signing import HEADER, BadSignature, verify
+from tasks.specs import parse_spec
+from tasks.store import ArtifactError, open_store
+
+ASGIApp = Callable[..., Awaitable[None]]
 
 
-def create_app(records: JobRecords | None = None) -> FastAPI:
-    """The status API over `records` (default: the configured Redis)."""
-    app = FastAPI(title="Porter", version="1", summary="Status of Porter's conversion jobs")
+class BodyLimit:
+    """ASGI middleware: a request body larger than `limit` bytes gets 413 before it is read
+    into memory (Content-Length checked first, then the bytes actually received)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._too_large(send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await self._too_large(send)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, delivered = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Any) -> None:
+        response = JSONResponse(
+            {"detail": f"request body larger than {self.limit} bytes"}, status_code=413
+        )
+        await response({"type": "http"}, None, send)
+
+
+def create_app(
+    records: JobRecords | None = None,
+    settings: Settings | None = None,
+    profiles: dict[str, Profile] | None = None,
+) -> FastAPI:
+    """The service over `records` (default: the configured Redis), `settings` and `profiles`
+    (default: from the environment and `PORTER_CONFIG`, loaded and checked now)."""
+    settings = settings or Settings.from_env()
+    profiles = load_profiles() if profiles is None else profiles
+    app = FastAPI(title="Porter", version="1", summary="Porter's conversion jobs and triggers")
     state = {"records": records}
 
     def recs() -> JobRecords:
         if state["records"] is None:
-            state["records"] = service.connect()
+            state["records"] = service.connect(settings)
         return state["records"]
 
+    def authorized(request: Request) -> None:
+        if not settings.api_token:
+            raise HTTPException(403, "job-changing calls are disabled: set PORTER_API_TOKEN")
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_token}".encode()):
+            raise HTTPException(401, "missing or wrong bearer token")
+
+    @app.exception_handler(ConversionError)
+    async def _invalid(_: Request, exc: ConversionError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(ArtifactError)
+    async def _storage(_: Request, exc: ArtifactError) -> JSONResponse:
+        return JSONResponse({"detail": f"storage: {exc}"}, status_code=502)
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
+        return JSONResponse({"detail": f"redis unreachable: {exc}"}, status_code=503)
+
+    @app.exception_handler(hooks.HookInProgress)
+    async def _in_progress(_: Request, exc: hooks.HookInProgress) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    def healthz(response: Response) -> dict[str, str]:
+        report = {"redis": "ok"}
         try:
             recs().redis.ping()
         except redis.RedisError as exc:
-            raise HTTPException(503, f"redis unreachable: {exc}") from exc
-        return {"redis": "ok"}
+            report["redis"] = f"unreachable: {exc}"
+        for bucket in _output_buckets(profiles):
+            try:
+                open_store(f"s3://{bucket}/").check()
+                report[f"s3:{bucket}"] = "ok"
+            except ArtifactError as exc:
+                report[f"s3:{bucket}"] = f"unreachable: {exc}"
+        if any(value != "ok" for value in report.values()):
+            response.status_code = 503
+        return report
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        from tasks import metrics as prometheus
+
+        body, content_type = prometheus.render(recs().redis)
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/jobs")
     def jobs(
         state_filter: str | None = Query(None, alias="state"),
+        model: str | None = Query(None),
         limit: int = Query(50, ge=1, le=1000),
     ) -> list[dict[str, Any]]:
         rows = []
         for job in recs().job_ids(limit):
             record = recs().get(job, steps=False)
-            if record and (state_filter is None or record["state"] == state_filter):
-                rows.append(_summary(record))
+            if record is None:
+                continue
+            if state_filter is not None and record["state"] != state_filter:
+                continue
+            if model is not None and record.get("model") != model:
+                continue
+            rows.append(_summary(record))
         return rows
+
+    @app.post("/v1/jobs", dependencies=[Depends(authorized)])
+    async def submit(request: Request, response: Response) -> dict[str, Any]:
+        spec = parse_spec(hooks.parse_json(await request.body()), absolute=True)
+        job, created = service.submit(spec, recs(), trigger="api")
+        response.status_code = 201 if created else 200
+        return {"id": job, "created": created, "state": recs().state(job)}
 
     @app.get("/v1/jobs/{job}")
     def job(job: str) -> dict[str, Any]:
         record = recs().get(job)
         if record is None:
-            raise HTTPException(404, f"no job {job!r}")
+            raise HTTPException(404, f"no job {job!r:.80}")
         done, total = service.progress(record)
         return {**record, "progress": {"bytes_done": done, "bytes_total": total}}
 
+    @app.post("/v1/jobs/{job}/cancel", dependencies=[Depends(authorized)])
+    def cancel(job: str) -> dict[str, Any]:
+        _exists(recs(), job)
+        return service.cancel(recs(), job)
+
+    @app.post("/v1/jobs/{job}/retry", dependencies=[Depends(authorized)])
+    def retry(job: str) -> dict[str, Any]:
+        _exists(recs(), job)
+        return {"job": job, "attempt": service.retry(recs(), job)}
+
+    @app.post("/v1/hooks/training-complete", status_code=202)
+    async def training_complete(request: Request, response: Response) -> dict[str, Any]:
+        body, signature = await request.body(), request.headers.get(HEADER)
+        try:
+            verify(settings.hook_secret, signature, body, settings.hook_max_age)
+        except BadSignature as exc:
+            raise HTTPException(401, str(exc)) from None
+        assert signature is not None
+        answer, replayed = hooks.training_complete(
+            body, signature, profiles, recs(), ttl=2 * settings.hook_max_age + 60
+        )
+        if replayed:
+            response.status_code = 200
+        return {**answer, "replayed": replayed}
+
+    @app.post("/v1/hooks/huggingface", status_code=202)
+    async def huggingface(request: Request, response: Response) -> dict[str, Any]:
+        if not hooks.check_hub_secret(
+            settings.hf_webhook_secret, request.headers.get("x-webhook-secret")
+        ):
+            raise HTTPException(401, "missing or wrong X-Webhook-Secret")
+        answer = hooks.huggingface(await request.body(), profiles, recs())
+        if answer is None:
+            response.status_code = 200
+            return {"ignored": True}
+        return answer
+
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     return app
 
 
+def _exists(records: JobRecords, job: str) -> None:
+    if records.state(job) is None:
+        raise HTTPException(404, f"no job {job!r:.80}")
+
+
+def _output_buckets(profiles: dict[str, Profile]) -> list[str]:
+    """The S3 buckets the profiles write to (checked by /healthz)."""
+    buckets = set()
+    for profile in profiles.values():
+        for _, spec in profile.expand("s3://placeholder-bucket/checkpoint", "1"):
+            if spec.output.startswith("s3://"):
+                buckets.add(spec.output[len("s3://") :].split("/", 1)[0])
+    return sorted(buckets)
+
+
 def _summary(record: dict[str, Any]) -> dict[str, Any]:
-    keys = ("id", "kind", "state", "created", "finished", "error", "attempt", "manifest_uri")
+    keys = (
+        "id", "kind", "state", "created", "finished", "error", "attempt", "manifest_uri",
+        "model", "profile", "export", "iteration", "trigger",
+    )  # fmt: skip
     return {k: record.get(k) for k in keys} | {"output": record["spec"].get("output")}

@@ -24,7 +24,13 @@ def add_commands(
 ) -> None:
     """Register the queue commands on the `porter` sub-command parser."""
     submit = commands.add_parser("submit", help="queue a conversion for the workers (Redis)")
-    kinds = submit.add_subparsers(dest="kind", required=True)
+    submit.add_argument(
+        "--batch",
+        metavar="FILE",
+        help="queue every job spec of a YAML/JSON file (a list, or {jobs: [...]}); all are "
+        "checked before any is queued; prints one id per line",
+    )
+    kinds = submit.add_subparsers(dest="kind")
     megatron = kinds.add_parser("megatron-trtllm", help="Megatron-LM → TensorRT-LLM checkpoint")
     megatron.add_argument("source", help="checkpoint: s3://bucket/prefix or a path the workers see")
     megatron.add_argument(
@@ -47,6 +53,10 @@ def add_commands(
 
     jobs = commands.add_parser("jobs", help="recent jobs")
     jobs.add_argument("--limit", type=int, default=20)
+    jobs.add_argument("--state", help="only jobs in this state (e.g. FAILED)")
+    jobs.add_argument("--model", help="only jobs of this model (profile exports)")
+    jobs.add_argument("--watch", action="store_true", help="a live table, until Ctrl-C")
+    jobs.add_argument("--interval", type=float, default=2.0, help="--watch refresh (seconds)")
 
     cancel = commands.add_parser("cancel", help="stop a job; nothing of it is published")
     cancel.add_argument("job")
@@ -55,7 +65,7 @@ def add_commands(
     retry.add_argument("job")
     retry.add_argument("--wait", action="store_true", help="block until the job ends")
 
-    serve = commands.add_parser("serve", help="serve the read-only HTTP status API")
+    serve = commands.add_parser("serve", help="serve the HTTP API: jobs, hooks, metrics")
     serve.add_argument("--host", default="127.0.0.1", help="address (default loopback only)")
     serve.add_argument("--port", type=int, default=8080)
 
@@ -152,17 +162,58 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
+def submit_batch(args: argparse.Namespace) -> int:
+    """`porter submit --batch FILE`: check every entry, then queue them all."""
+    from tasks import service
+    from tasks.batch import read_batch
+
+    specs = read_batch(args.batch)
+    records = service.connect()
+    for job, created in service.submit_many([(s, {"trigger": "batch"}) for s in specs], records):
+        print(job, flush=True)
+        if not created:
+            print(f"{job}: already submitted; nothing new queued", file=sys.stderr)
+    return 0
+
+
+def _jobs_table(records: Any, args: argparse.Namespace) -> list[str]:
+    from tasks import service
+
+    lines = [f"{'job':<32} {'state':<10} {'progress':>8} {'created (UTC)':<19}  output"]
+    for job in records.job_ids(args.limit):
+        record = records.get(job, steps=args.watch)
+        if record is None or (args.state and record["state"] != args.state):
+            continue
+        if args.model and record.get("model") != args.model:
+            continue
+        shown = ""
+        if args.watch:
+            done, total = service.progress(record)
+            shown = "100%" if record["state"] == "SUCCEEDED" else f"{done / (total or 1):.0%}"
+        output = record["spec"].get("output", "")
+        created = _time(record.get("created"))
+        lines.append(f"{job:<32} {record['state']:<10} {shown:>8} {created:<19}  {output}")
+    return lines
+
+
 def jobs(args: argparse.Namespace) -> int:
+    import time
+
     from tasks import service
 
     records = service.connect()
-    print(f"{'job':<32} {'state':<10} {'created (UTC)':<19}  output")
-    for job in records.job_ids(args.limit):
-        record = records.get(job, steps=False)
-        if record:
-            output = record["spec"].get("output", "")
-            print(f"{job:<32} {record['state']:<10} {_time(record.get('created')):<19}  {output}")
-    return 0
+    if not args.watch:
+        print("\n".join(_jobs_table(records, args)))
+        return 0
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    try:
+        while True:
+            stamp = _time(time.time())
+            print(f"{clear}porter jobs --watch  {stamp} UTC  (Ctrl-C to stop)", flush=False)
+            print("\n".join(_jobs_table(records, args)), flush=True)
+            time.sleep(max(0.2, args.interval))
+    except KeyboardInterrupt:
+        return 0
 
 
 def cancel(args: argparse.Namespace) -> int:

@@ -584,6 +584,11 @@ class S3Store:
                 self.client.head_bucket(Bucket=self.bucket)
             self._bucket_ok = True
 
+    def check(self) -> None:
+        """Raise ArtifactError unless the bucket answers (HEAD bucket)."""
+        self._bucket_ok = False
+        self._check_bucket()
+
     def stat(self, key: str) -> Artifact | None:
         return self._head(key)
 

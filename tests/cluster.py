@@ -24,6 +24,7 @@ import redis
 from tests.s3_server import ACCESS_KEY, REGION, SECRET_KEY
 
 PORTER = str(Path(sys.executable).with_name("porter"))
+NOTIFY_SECRET = "test-notify-secret"
 
 
 def free_port() -> int:
@@ -84,6 +85,9 @@ def worker_env(redis_url: str, s3_endpoint: str, cache: Path) -> dict[str, str]:
         PORTER_REAPER_INTERVAL="1",
         PORTER_CACHE_DIR=str(cache),
         PORTER_FETCH_COALESCE_BYTES="0",  # the fixtures are tiny: fetch exactly what is needed
+        PORTER_NOTIFY_SECRET=NOTIFY_SECRET,  # workers sign notifications
+        PORTER_NOTIFY_ATTEMPTS="3",
+        PORTER_NOTIFY_BACKOFF="0.2",
         AWS_ENDPOINT_URL_S3=s3_endpoint,
         AWS_ACCESS_KEY_ID=ACCESS_KEY,
         AWS_SECRET_ACCESS_KEY=SECRET_KEY,

@@ -33,6 +33,7 @@ from config.celery_app import GPU_QUEUE, app
 from config.settings import Settings
 from converters.trtllm.convert import Progress
 from tasks import metrics, steps
+from tasks.executors.celery_notify import send_notifications
 from tasks.jobs import ConvertSpec, output_tag, task_id
 from tasks.records import CANCELLED, FAILED, RUNNING, SUCCEEDED, TERMINAL, JobRecords
 from tasks.store import open_store
@@ -84,6 +85,15 @@ class _Heartbeat(threading.Thread):
         self.stopping.set()
 
 
+def job_ended(job: str, state: str) -> None:
+    """This process ended `job` (its `finish` won): count it, queue its notifications."""
+    metrics.job_finished(job, state)
+    try:
+        send_notifications(records(), job)
+    except Exception:  # the job's state is final whatever happens to its notifications
+        log.exception("%s: could not queue its notifications", job)
+
+
 def run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run one step of `job` with its bookkeeping; returns the step's result."""
     rec = records()
@@ -101,7 +111,7 @@ def run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[st
         )
         rec.step(job, step, state=FAILED, error=message, finished=time.time())
         if rec.finish(job, FAILED, message):
-            metrics.job_finished(job, FAILED)
+            job_ended(job, FAILED)
         raise Reject(message, requeue=False)
     started = time.time()
     worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -125,7 +135,7 @@ def run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[st
         try:  # (retried through a Redis restart; if Redis stays away, the original error wins)
             rec.step(job, step, state=FAILED, error=message, finished=time.time())
             if rec.finish(job, FAILED, f"{step}: {message}"):
-                metrics.job_finished(job, FAILED)
+                job_ended(job, FAILED)
                 log.error("%s failed in %s: %s", job, step, message)
         except redis.RedisError:
             log.exception("%s: could not record the failure of %s: %s", job, step, message)
@@ -185,7 +195,7 @@ def inspect_step(
     if result["committed"]:  # converted before (same id): nothing to do
         records().update(job, manifest_uri=result["manifest_uri"])
         if records().finish(job, SUCCEEDED):
-            metrics.job_finished(job, SUCCEEDED)
+            job_ended(job, SUCCEEDED)
     return result
 
 
@@ -294,7 +304,7 @@ def commit_job(
     result = run_step(job, "publish", commit)
     records().update(job, manifest_uri=result["manifest_uri"])
     if records().finish(job, SUCCEEDED):
-        metrics.job_finished(job, SUCCEEDED)
+        job_ended(job, SUCCEEDED)
     return result
 
 

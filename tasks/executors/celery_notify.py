@@ -1,0 +1,61 @@
+"""The `porter.notify` task: deliver a finished job's notifications (see `tasks.notify`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from config.celery_app import CPU_QUEUE, app
+from config.settings import Settings
+from tasks.jobs import task_id
+from tasks.notify import NotifyFailed, deliver, summary
+from tasks.records import FAILED, SUCCEEDED, JobRecords
+
+log = logging.getLogger(__name__)
+
+
+def _records() -> JobRecords:
+    settings = Settings.from_env()
+    return JobRecords(settings.redis_url, ttl=settings.record_ttl)
+
+
+def send_notifications(records: JobRecords, job: str) -> None:
+    """Queue the notifications of `job`, which just ended, if its profile asks for them."""
+    record = records.get(job, steps=False)
+    if record and record.get("notify") and record["state"] in (SUCCEEDED, FAILED):
+        attempt = record.get("attempt", 1)
+        app.send_task(
+            "porter.notify", args=[job], task_id=task_id(job, "notify", attempt), queue=CPU_QUEUE
+        )
+
+
+@app.task(name="porter.notify")
+def notify(job: str) -> dict[str, Any]:
+    """POST the job's summary to each of its notification URLs; the outcome per URL is stored
+    in the job record (`notifications`). At least once per attempt of the job (receivers dedup
+    on X-Porter-Delivery)."""
+    settings, records = Settings.from_env(), _records()
+    record = records.get(job, steps=False)
+    if record is None or record["state"] not in (SUCCEEDED, FAILED):
+        return {}
+    attempt = record.get("attempt", 1)
+    if record.get(f"notified:{attempt}"):
+        return {}  # a re-delivered message: this attempt was already notified
+    payload, outcome = summary(record), {}
+    for url in record.get("notify") or []:
+        try:
+            tries = deliver(
+                url,
+                payload,
+                secret=settings.notify_secret,
+                attempts=settings.notify_attempts,
+                backoff=settings.notify_backoff,
+                delivery=f"{job}:{attempt}",
+            )
+            outcome[url] = {"delivered": True, "attempts": tries}
+        except NotifyFailed as exc:
+            log.error("job %s: notification not delivered: %s", job, exc)
+            outcome[url] = {"delivered": False, "error": str(exc)}
+    records.update(job, notifications=outcome)
+    records.mark_once(job, f"notified:{attempt}")  # after: a worker lost mid-way sends again
+    return outcome

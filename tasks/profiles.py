@@ -94,7 +94,7 @@ class Profile:
 
 def check_iteration(iteration: str) -> str:
     """`iteration` if it is a safe path component (digits, a revision, 'release')."""
-    if not isinstance(iteration, str) or not _ITERATION.match(iteration):
+    if not isinstance(iteration, str) or not _ITERATION.fullmatch(iteration):
         raise ProfileError(
             f"iteration {iteration!r:.80} must be 1-64 letters, digits, '.', '_' or '-'"
         )
@@ -134,7 +134,7 @@ def _check_template(value: Any, where: str) -> None:
 
 def _profile(name: str, table: Any) -> Profile:
     where = f"profile {name!r}"
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ProfileError(f"{where}: a name is letters, digits, '.', '_' or '-'")
     if not isinstance(table, dict):
         raise ProfileError(f"{where} must be a table")
@@ -148,7 +148,7 @@ def _profile(name: str, table: Any) -> Profile:
         raise ProfileError(f"{where} has more than {MAX_EXPORTS} exports")
     exports = []
     for export_name, template in exports_table.items():
-        if not _NAME.match(str(export_name)) or not isinstance(template, dict):
+        if not _NAME.fullmatch(str(export_name)) or not isinstance(template, dict):
             raise ProfileError(f"{where}: export {export_name!r:.60} must be a named table")
         _check_template(template, f"{where}, export {export_name!r}")
         exports.append(Export(str(export_name), dict(template)))

@@ -134,7 +134,12 @@ def test_signatures():
         ("secret", None, body, "missing"),
         ("secret", header, body + b"x", "does not match"),
         ("other", header, body, "does not match"),
-        ("secret", sign("secret", body, int(time.time()) - 600), body, r"\d+ s off \(allowed: 60 s\)"),
+        (
+            "secret",
+            sign("secret", body, int(time.time()) - 600),
+            body,
+            r"\d+ s off \(allowed: 60 s\)",
+        ),
         ("secret", "t=abc,v1=00", body, "malformed"),
         ("secret", "x" * 1000, body, "malformed"),
     ]:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Porter's distributed mode on this machine, as real processes: redis-server (AOF on, loopback
-# only), N `porter worker` processes on the cpu queue and the status API (`porter serve`,
-# http://127.0.0.1:8080/v1/jobs). Runs in the foreground; Ctrl-C stops all.
+# only), N `porter worker` processes on the cpu queue, the status API (`porter serve`,
+# http://127.0.0.1:8080/v1/jobs) and the scheduler of re-exports (`porter beat`, celery-redbeat;
+# --no-beat leaves it out). Runs in the foreground; Ctrl-C stops all.
 #
 #   deploy/local/run.sh [--workers N] [--concurrency C] [--port P] [--api-port A] [--dir DIR]
+#                       [--no-beat]
 #
 # Then, from another shell (same PORTER_REDIS_URL, and boto3's AWS_* settings for s3:// URIs):
 #   export PORTER_REDIS_URL=redis://127.0.0.1:6390/0
@@ -12,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-workers=2 concurrency=1 port=6390 api_port=8080 dir=.porter-local
+workers=2 concurrency=1 port=6390 api_port=8080 dir=.porter-local beat=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --workers) workers=$2; shift 2 ;;
@@ -20,7 +22,8 @@ while [ $# -gt 0 ]; do
     --port) port=$2; shift 2 ;;
     --api-port) api_port=$2; shift 2 ;;
     --dir) dir=$2; shift 2 ;;
-    *) echo "usage: $0 [--workers N] [--concurrency C] [--port P] [--api-port A] [--dir DIR]" >&2; exit 2 ;;
+    --no-beat) beat=0; shift ;;
+    *) echo "usage: $0 [--workers N] [--concurrency C] [--port P] [--api-port A] [--dir DIR] [--no-beat]" >&2; exit 2 ;;
   esac
 done
 command -v redis-server >/dev/null || { echo "redis-server is not installed (apt-get install redis-server)" >&2; exit 1; }
@@ -50,8 +53,15 @@ for i in $(seq "$workers"); do
 done
 .venv/bin/porter serve --port "$api_port" >"$dir/logs/api.log" 2>&1 &
 pids+=($!)
+started="status API on http://127.0.0.1:$api_port/v1/jobs"
+if [ "$beat" = 1 ]; then
+  # One beat is enough here; a second would wait on redbeat's lock in Redis as a standby.
+  .venv/bin/porter beat --loglevel INFO >"$dir/logs/beat.log" 2>&1 &
+  pids+=($!)
+  started="$started, porter beat"
+fi
 echo "redis-server on 127.0.0.1:$port (AOF in $dir/redis), $workers worker(s)," \
-  "status API on http://127.0.0.1:$api_port/v1/jobs; logs in $dir/logs" >&2
+  "$started; logs in $dir/logs" >&2
 echo "export PORTER_REDIS_URL=$PORTER_REDIS_URL" >&2
 wait -n "${pids[@]}"
 echo "a process exited; see $dir/logs" >&2

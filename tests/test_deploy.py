@@ -45,6 +45,7 @@ NAMESPACE = "porter"
 K8S_VERSIONS = ["1.28", kubernetes_validate.utils.latest_version()]
 CRD_KINDS = {"ScaledObject"}
 SECRET_VARS = {
+    "PORTER_API_TOKEN",
     "PORTER_HOOK_SECRET",
     "PORTER_NOTIFY_SECRET",
     "PORTER_HF_WEBHOOK_SECRET",

@@ -14,7 +14,11 @@ from config.settings import Settings
 
 CPU_QUEUE = "cpu"
 GPU_QUEUE = "gpu"
-TASK_MODULES = ["tasks.executors.celery", "tasks.executors.celery_powerinfer"]
+TASK_MODULES = ["tasks.executors.celery", "tasks.executors.celery_powerinfer", "tasks.schedules"]
+# `porter beat` (celery-redbeat): ticks at least this often (seconds), and a standby beat takes
+# over this long after the active one stopped renewing its lock in Redis.
+BEAT_MAX_INTERVAL = 5
+BEAT_LOCK_TIMEOUT = 30
 
 
 def celery_config(settings: Settings) -> dict:
@@ -49,6 +53,14 @@ def celery_config(settings: Settings) -> dict:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
+        # Scheduled re-exports (tasks.schedules): the schedule lives in this Redis (celery-redbeat);
+        # one `porter beat` holds the lock and sends, any other waits to take over.
+        "beat_scheduler": "redbeat.RedBeatScheduler",
+        "beat_max_loop_interval": BEAT_MAX_INTERVAL,
+        "redbeat_redis_url": settings.redis_url,
+        "redbeat_redis_options": {"retry_period": 30},  # ride out a Redis restart
+        "redbeat_key_prefix": "porter:redbeat:",
+        "redbeat_lock_timeout": BEAT_LOCK_TIMEOUT,
     }
 
 

@@ -13,7 +13,7 @@ import redis
 
 from converters.errors import ConversionError
 from converters.model import DTYPES
-from tasks import cli_queue
+from tasks import cli_queue, cli_schedule
 from tasks.jobs import ConvertSpec, check_location
 from tasks.powerinfer_index import IndexSpec
 
@@ -155,6 +155,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_target_options(plan_megatron)
 
     cli_queue.add_commands(commands, _add_target_options, _add_index_options)
+    cli_schedule.add_commands(commands)
 
     example = commands.add_parser("example", help="write a small real checkpoint to try Porter on")
     example_kinds = example.add_subparsers(dest="kind", required=True)
@@ -375,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "retry": cli_queue.retry,
         "worker": cli_queue.worker,
         "serve": cli_queue.serve,
+        "schedule": cli_schedule.schedule,
+        "beat": cli_schedule.beat,
     }
     if args.command == "convert" and args.kind == "powerinfer-index":
         handlers["convert"] = _convert_index

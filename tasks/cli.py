@@ -359,6 +359,17 @@ def _example(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    if args.batch:
+        if args.kind:
+            raise ConversionError("give either --batch FILE or one job, not both")
+        return cli_queue.submit_batch(args)
+    if args.kind is None:
+        raise ConversionError("porter submit: give a job kind (megatron-trtllm, ...) or --batch")
+    spec = _index_spec(args) if args.kind == "powerinfer-index" else _spec(args, args.output)
+    return cli_queue.submit(args, spec)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `porter` console script; returns the exit status."""
     args = _build_parser().parse_args(argv)
@@ -367,9 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plan": _plan,
         "example": _example,
         "inspect": _inspect,
-        "submit": lambda a: cli_queue.submit(
-            a, _index_spec(a) if a.kind == "powerinfer-index" else _spec(a, a.output)
-        ),
+        "submit": _submit,
         "status": cli_queue.status,
         "jobs": cli_queue.jobs,
         "cancel": cli_queue.cancel,

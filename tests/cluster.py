@@ -108,15 +108,18 @@ class Cluster:
     logs: Path
     cache: Path
     workers: list[subprocess.Popen] = field(default_factory=list)
+    _started: dict[int, tuple] = field(default_factory=dict)
+    _launched: int = 0
 
     def start_worker(
         self, queues: str = "cpu", concurrency: int = 1, *, command: list[str] | None = None,
         env: dict[str, str] | None = None,
     ) -> subprocess.Popen:  # fmt: skip
         """Start `porter worker` (or `command`) with this cluster's environment (plus `env`)."""
-        log = open(self.logs / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
+        index, self._launched = self._launched, self._launched + 1
+        log = open(self.logs / f"worker-{index}.log", "wb")  # noqa: SIM115
         # Each worker has a cache of its own, as on separate machines.
-        cache = str(self.cache / f"worker-{len(self.workers)}")
+        cache = str(self.cache / f"worker-{index}")
         proc = subprocess.Popen(
             command or [PORTER, "worker", "--queues", queues, "--concurrency", str(concurrency)],
             env={**self.env, "PORTER_CACHE_DIR": cache, **(env or {})},
@@ -125,7 +128,19 @@ class Cluster:
             start_new_session=True,
         )
         self.workers.append(proc)
+        self._started[proc.pid] = (queues, concurrency, command, env)
         return proc
+
+    def revive(self) -> None:
+        """Replace workers that exited (killed by a test, or stopped by the pool watchdog), so
+        every test starts with the cluster it expects."""
+        dead = [proc for proc in self.workers if proc.poll() is not None]
+        for proc in dead:
+            self.workers.remove(proc)
+            queues, concurrency, command, env = self._started.pop(proc.pid)
+            self.start_worker(queues, concurrency, command=command, env=env)
+        if dead:
+            self.wait_for_workers(len(self.workers))
 
     def wait_for_workers(self, count: int, timeout: float = 60) -> None:
         from celery import Celery

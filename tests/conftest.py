@@ -59,6 +59,13 @@ def _load_or_write(root: Path, name: str) -> Checkpoints:
     return Checkpoints(family, paths, oracle["tokens"], oracle["logits"])
 
 
+@pytest.fixture(autouse=True)
+def _revive_workers(request: pytest.FixtureRequest) -> None:
+    """Tests that use the cluster get all its workers (an earlier test may have killed one)."""
+    if "cluster" in request.fixturenames:
+        request.getfixturevalue("cluster").revive()
+
+
 @pytest.fixture(scope="session")
 def fixture_root(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
     """A directory of this session, shared by all its xdist workers."""

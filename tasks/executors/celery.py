@@ -27,7 +27,7 @@ from typing import Any
 import redis
 from celery import chord, current_task
 from celery.exceptions import Ignore, Reject
-from celery.signals import worker_ready
+from celery.signals import worker_init, worker_ready
 
 from config.celery_app import GPU_QUEUE, app
 from config.settings import Settings
@@ -320,6 +320,14 @@ def publish(job: str) -> dict[str, Any]:
         steps.source_summary(inspected),
         lambda: _published_files(job, len(inspected["ranks"]), spec.engines),
     )
+
+
+@worker_init.connect
+def _watch_pool(**_: Any) -> None:
+    """A worker whose prefork pool wedges stops, to be restarted (`tasks.pool_watchdog`)."""
+    from tasks import pool_watchdog
+
+    pool_watchdog.install()
 
 
 @worker_ready.connect

@@ -1,0 +1,73 @@
+"""Stop a worker whose prefork pool is wedged, so its supervisor starts a fresh one.
+
+Seen here (Celery 5.7, billiard 4.2): after pool processes are SIGKILLed mid-task (the OOM
+killer, or Porter's own fault tests), a worker can fall into a loop where every new pool process
+starts and sends its UP message, the main process never reads it, kills the process after
+`proc_alive_timeout` (4 s) and starts another: "Timed out waiting for UP message" forever. The
+main process still answers pings and reserves a message at a time, so nothing else notices:
+reserved messages wait for the visibility timeout and the worker does no work again (py-spy: the
+new process idle in its work loop, the main process idle in epoll).
+
+The watchdog counts those errors (they are logged by `celery.concurrency.asynpool`); after
+`LIMIT` of them within `WINDOW` seconds it logs why and stops the worker with a cold shutdown
+(SIGQUIT): the connection closes, kombu puts the reserved message back on its queue, and the
+supervisor (Kubernetes, Compose, systemd) starts a new worker. Running steps of other workers are
+unaffected; steps this worker held are re-queued by the reaper of the surviving workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+POOL_LOGGER = "celery.concurrency.asynpool"
+UP_TIMEOUT_MESSAGE = "Timed out waiting for UP message"
+LIMIT = 5
+WINDOW = 120.0
+
+log = logging.getLogger(__name__)
+
+
+def _cold_shutdown() -> None:
+    os.kill(os.getpid(), signal.SIGQUIT)
+
+
+class PoolWatchdog(logging.Handler):
+    """A logging handler on the pool's logger that calls `stop` once the pool looks wedged."""
+
+    def __init__(
+        self,
+        stop: Callable[[], None] = _cold_shutdown,
+        limit: int = LIMIT,
+        window: float = WINDOW,
+    ) -> None:
+        super().__init__(level=logging.ERROR)
+        self.stop, self.limit, self.window = stop, limit, window
+        self.times: collections.deque[float] = collections.deque(maxlen=limit)
+        self.stopped = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stopped or not record.getMessage().startswith(UP_TIMEOUT_MESSAGE):
+            return
+        now = time.monotonic()
+        self.times.append(now)
+        if len(self.times) == self.limit and now - self.times[0] <= self.window:
+            self.stopped = True
+            log.critical(
+                "%d pool processes in %.0f s were never seen to start (Celery's prefork pool is "
+                "wedged); stopping this worker so that it is restarted",
+                self.limit,
+                now - self.times[0],
+            )
+            self.stop()
+
+
+def install(stop: Callable[[], None] = _cold_shutdown) -> PoolWatchdog:
+    """Attach a watchdog to the pool's logger (in the worker's main process)."""
+    watchdog = PoolWatchdog(stop)
+    logging.getLogger(POOL_LOGGER).addHandler(watchdog)
+    return watchdog

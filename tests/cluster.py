@@ -6,6 +6,7 @@ tests/conftest.py registers the fixtures `redis_url` and `cluster` for every tes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -13,6 +14,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,15 +45,13 @@ def _wait_until(check, timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server (AOF on, loopback only) for this test session (per xdist worker)."""
+def start_redis(data: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """A redis-server on a free loopback port with its files in `data`; (process, URL) once it
+    answers."""
     server = shutil.which("redis-server")
     if server is None:
         pytest.fail("redis-server is not installed (tests/run.sh installs it)")
-    data = tmp_path_factory.mktemp("redis")
     port = free_port()
-    options = ["--appendonly", "yes", "--save", "", "--maxmemory-policy", "noeviction"]
     proc = subprocess.Popen(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), *options],
         stdout=subprocess.DEVNULL,
@@ -65,9 +66,49 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             return False
 
     _wait_until(ready, 10, "redis-server")
+    return proc, url
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server (AOF on, loopback only) for this test session (per xdist worker)."""
+    options = ["--appendonly", "yes", "--save", "", "--maxmemory-policy", "noeviction"]
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"), *options)
     yield url
     proc.terminate()
     proc.wait(10)
+
+
+@contextlib.contextmanager
+def serve(env: dict[str, str], log: Path | None = None) -> Iterator[str]:
+    """`porter serve` on a free loopback port with `env`; yields its base URL once /healthz
+    answers (any status), and stops it afterwards."""
+    port = free_port()
+    out = log.open("wb") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        [PORTER, "serve", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"porter serve exited: {log.read_text() if log else ''}")
+        try:
+            urllib.request.urlopen(f"{base}/healthz", timeout=2).close()
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
+        return True
+
+    try:
+        _wait_until(answers, 30, "porter serve")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if log:
+            out.close()
 
 
 def worker_env(redis_url: str, s3_endpoint: str, cache: Path) -> dict[str, str]:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 
 from tasks.megatron_example import Layout
-from tests.cluster import PORTER, free_port
+from tests.cluster import serve
 from tests.test_distributed import upload
 
 
@@ -25,24 +23,8 @@ def get(url: str) -> tuple[int, object]:
 
 @pytest.fixture
 def api(cluster):
-    port = free_port()
-    proc = subprocess.Popen(
-        [PORTER, "serve", "--port", str(port)],
-        env=cluster.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if get(f"{base}/healthz")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.1)
-    yield base
-    proc.terminate()
-    proc.wait(10)
+    with serve(cluster.env) as base:
+        yield base
 
 
 def test_status_api_reports_jobs_and_steps(api, cluster, s3_env, megatron):

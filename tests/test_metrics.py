@@ -3,12 +3,9 @@ over HTTP; the queue gauges on a broker database without workers; a Redis outage
 
 from __future__ import annotations
 
-import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import redis
@@ -17,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tasks import metrics
 from tasks.megatron_example import Layout
 from tasks.records import JobRecords
-from tests.cluster import PORTER, free_port
+from tests.cluster import free_port, serve
 from tests.test_distributed import _break_shard, submit, upload, wait_state
 
 Samples = dict[tuple[str, frozenset], float]
@@ -37,57 +34,10 @@ def value(samples: Samples, metric: str, /, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == metric and want <= ls)
 
 
-def _api_has_metrics() -> bool:
-    try:
-        from tasks.api import create_app
-
-        return "/metrics" in {getattr(r, "path", None) for r in create_app().routes}
-    except Exception:
-        return False
-
-
-def _serve_porter(cluster) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([PORTER, "serve", "--port", str(port)], env=cluster.env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{base}/healthz", timeout=2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield base
-    proc.terminate()
-    proc.wait(10)
-
-
-def _serve_here(cluster) -> Iterator[str]:
-    """`metrics.render` over real HTTP, for as long as `porter serve` has no /metrics."""
-    client = JobRecords(cluster.redis_url).redis
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body, content_type = metrics.render(client)
-            self.send_response(200)
-            self.send_header("Content-Type", content_type)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
 @pytest.fixture(scope="module")
 def metrics_url(cluster) -> Iterator[str]:
-    serve = _serve_porter if _api_has_metrics() else _serve_here
-    yield from serve(cluster)
+    with serve(cluster.env) as base:
+        yield base
 
 
 @pytest.fixture

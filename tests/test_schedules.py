@@ -25,7 +25,7 @@ import redis
 from tasks import schedules
 from tasks.megatron_example import Layout
 from tasks.records import JobRecords
-from tests.cluster import PORTER, Cluster, free_port, worker_env
+from tests.cluster import PORTER, Cluster, start_redis, worker_env
 
 LEGACY_TP1 = Layout("legacy", 1, 1)
 LOCK_TIMEOUT = 3  # seconds: a standby takes over this long after the active beat died
@@ -123,22 +123,7 @@ def sched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scheduling]:
     base = tmp_path_factory.mktemp("schedules")
     for sub in ("logs", "cache", "redis"):
         (base / sub).mkdir()
-    port = free_port()
-    server = subprocess.Popen(
-        [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
-         "127.0.0.1", "--dir", str(base / "redis"), "--save", ""],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-
-    def ready() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    until(ready, 10, "redis-server")
+    server, url = start_redis(base / "redis", "--save", "")
     (base / "porter.toml").write_text(CONFIG)
     env = worker_env(url, "http://127.0.0.1:9", base / "cache")  # S3 is not used here
     env["PORTER_CONFIG"] = str(base / "porter.toml")

@@ -20,7 +20,7 @@ import redis
 
 from tasks.megatron_example import Layout
 from tasks.signing import HEADER, sign, verify
-from tests.cluster import NOTIFY_SECRET, PORTER, free_port
+from tests.cluster import NOTIFY_SECRET, PORTER, serve
 from tests.test_distributed import upload
 
 HOOK_SECRET = "test-hook-secret"
@@ -114,23 +114,8 @@ def service(cluster, s3_env, receiver, tmp_path) -> Iterator[str]:
         "PORTER_MAX_REQUEST_BYTES": str(MAX_BODY),
         "PORTER_HOOK_MAX_AGE": "60",
     }
-    port = free_port()
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([PORTER, "serve", "--port", str(port)], env=env, stderr=log, stdout=log)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if request(f"{base}/healthz")[0] == 200:
-                break
-        except OSError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError((tmp_path / "serve.log").read_text())
-        time.sleep(0.1)
-    yield base
-    proc.terminate()
-    proc.wait(10)
+    with serve(env, tmp_path / "serve.log") as base:
+        yield base
     assert HOOK_SECRET not in (tmp_path / "serve.log").read_text()  # secrets are never logged
 
 

@@ -360,7 +360,7 @@ def _example(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    if args.batch:
+    if args.batch_file:
         if args.kind:
             raise ConversionError("give either --batch FILE or one job, not both")
         return cli_queue.submit_batch(args)

@@ -26,6 +26,7 @@ def add_commands(
     submit = commands.add_parser("submit", help="queue a conversion for the workers (Redis)")
     submit.add_argument(
         "--batch",
+        dest="batch_file",
         metavar="FILE",
         help="queue every job spec of a YAML/JSON file (a list, or {jobs: [...]}); all are "
         "checked before any is queued; prints one id per line",
@@ -167,7 +168,7 @@ def submit_batch(args: argparse.Namespace) -> int:
     from tasks import service
     from tasks.batch import read_batch
 
-    specs = read_batch(args.batch)
+    specs = read_batch(args.batch_file)
     records = service.connect()
     for job, created in service.submit_many([(s, {"trigger": "batch"}) for s in specs], records):
         print(job, flush=True)

@@ -183,6 +183,15 @@ def test_signed_hook_exports_every_profile_export_and_notifies(
     assert [r["attempt"] for r in wait_jobs(service, jobs)] == [1, 1]
 
 
+def test_healthz_checks_redis_and_the_profiles_buckets(service, cluster, s3_env, tmp_path):
+    assert request(f"{service}/healthz") == (200, {"redis": "ok", f"s3:{s3_env}": "ok"})
+    config = write_config(tmp_path / "missing.toml", "no-such-bucket-here", "http://127.0.0.1:9/")
+    with serve({**cluster.env, "PORTER_CONFIG": str(config)}) as base:
+        status, report = request(f"{base}/healthz")
+    assert status == 503 and report["redis"] == "ok"
+    assert report["s3:no-such-bucket-here"].startswith("unreachable")
+
+
 def test_bad_missing_expired_or_replayed_signatures_create_no_job(service, cluster, s3_env):
     body = json.dumps({"profile": "gpt-small", "checkpoint": f"s3://{s3_env}/none"}).encode()
     url = f"{service}/v1/hooks/training-complete"

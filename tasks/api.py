@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 from config.settings import Settings
 from converters.errors import ConversionError
 from tasks import hooks, service
+from tasks.metrics_collector import render as render_metrics
 from tasks.profiles import Profile, load_profiles
 from tasks.records import JobRecords
 from tasks.signing import HEADER, BadSignature, verify
@@ -138,9 +139,7 @@ def create_app(
 
     @app.get("/metrics")
     def metrics() -> Response:
-        from tasks import metrics as prometheus
-
-        body, content_type = prometheus.render(recs().redis)
+        body, content_type = render_metrics(recs().redis)
         return Response(body, media_type=content_type)
 
     @app.get("/v1/jobs")

@@ -11,7 +11,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tasks import metrics
+from tasks import metrics, metrics_collector
 from tasks.megatron_example import Layout
 from tasks.records import JobRecords
 from tests.cluster import free_port, serve
@@ -160,7 +160,7 @@ def test_queue_length_and_oldest_age_across_priorities(broker_db):
     app.send_task("porter.reshard", args=["job", 1], queue="cpu", priority=9)
     assert client.llen("cpu") == 1  # the other one is in a priority sub-queue
     time.sleep(0.3)
-    samples = parse(metrics.render(client)[0].decode())
+    samples = parse(metrics_collector.render(client)[0].decode())
     assert value(samples, "celery_queue_length", queue_name="cpu") == 2
     assert value(samples, "celery_queue_length", queue_name="gpu") == 0
     assert 0.3 <= value(samples, "porter_queue_oldest_age_seconds", queue_name="cpu") < 30
@@ -175,7 +175,7 @@ def test_histograms_are_cumulative(broker_db):
     metrics.observe_step("reshard:1", 7.0, 1, 2)
     metrics.observe_step("reshard:2", 1e6, 0, 0)
     samples = parse(
-        metrics.render(redis.Redis.from_url(broker_db, decode_responses=True))[0].decode()
+        metrics_collector.render(redis.Redis.from_url(broker_db, decode_responses=True))[0].decode()
     )
     bucket = "porter_step_duration_seconds_bucket"
     assert value(samples, bucket, step="reshard", le="0.25") == 0
@@ -207,6 +207,6 @@ def test_redis_outage_makes_metric_writes_no_ops(monkeypatch):
         metrics._WorkerBeat("w@h", ["cpu"], 1).beat()
         assert time.monotonic() - started < 2
         with pytest.raises(redis.RedisError):  # a scrape does fail: Prometheus shows up == 0
-            metrics.render(redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0"))
+            metrics_collector.render(redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0"))
     finally:
         metrics.reset_client()

@@ -70,7 +70,7 @@ class ScheduleError(InvalidSpec):
 
 def check_name(name: str) -> str:
     """`name` if it is 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit)."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ScheduleError(
             f"schedule name {name!r:.80} must be 1-64 letters, digits, '.', '_' or '-'"
         )

@@ -29,7 +29,7 @@ from config.settings import Settings
 from converters.errors import ConversionError
 from tasks import hooks, service
 from tasks.metrics_collector import render as render_metrics
-from tasks.profiles import Profile, load_profiles
+from tasks.profiles import PLACEHOLDER_CHECKPOINT, Profile, load_profiles
 from tasks.records import JobRecords
 from tasks.signing import HEADER, BadSignature, verify
 from tasks.specs import parse_spec
@@ -91,6 +91,7 @@ def create_app(
     profiles = load_profiles() if profiles is None else profiles
     app = FastAPI(title="Porter", version="1", summary="Porter's conversion jobs and triggers")
     state = {"records": records}
+    buckets = _output_buckets(profiles)
 
     def recs() -> JobRecords:
         if state["records"] is None:
@@ -107,6 +108,10 @@ def create_app(
     @app.exception_handler(ConversionError)
     async def _invalid(_: Request, exc: ConversionError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(service.JobNotFound)
+    async def _not_found(_: Request, exc: service.JobNotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
 
     @app.exception_handler(ArtifactError)
     async def _storage(_: Request, exc: ArtifactError) -> JSONResponse:
@@ -127,7 +132,7 @@ def create_app(
             recs().redis.ping()
         except redis.RedisError as exc:
             report["redis"] = f"unreachable: {exc}"
-        for bucket in _output_buckets(profiles):
+        for bucket in buckets:
             try:
                 open_store(f"s3://{bucket}/").check()
                 report[f"s3:{bucket}"] = "ok"
@@ -169,20 +174,16 @@ def create_app(
 
     @app.get("/v1/jobs/{job}")
     def job(job: str) -> dict[str, Any]:
-        record = recs().get(job)
-        if record is None:
-            raise HTTPException(404, f"no job {job!r:.80}")
+        record = service.get(recs(), job)
         done, total = service.progress(record)
         return {**record, "progress": {"bytes_done": done, "bytes_total": total}}
 
     @app.post("/v1/jobs/{job}/cancel", dependencies=[Depends(authorized)])
     def cancel(job: str) -> dict[str, Any]:
-        _exists(recs(), job)
         return service.cancel(recs(), job)
 
     @app.post("/v1/jobs/{job}/retry", dependencies=[Depends(authorized)])
     def retry(job: str) -> dict[str, Any]:
-        _exists(recs(), job)
         return {"job": job, "attempt": service.retry(recs(), job)}
 
     @app.post("/v1/hooks/training-complete", status_code=202)
@@ -216,16 +217,11 @@ def create_app(
     return app
 
 
-def _exists(records: JobRecords, job: str) -> None:
-    if records.state(job) is None:
-        raise HTTPException(404, f"no job {job!r:.80}")
-
-
 def _output_buckets(profiles: dict[str, Profile]) -> list[str]:
     """The S3 buckets the profiles write to (checked by /healthz)."""
     buckets = set()
     for profile in profiles.values():
-        for _, spec in profile.expand("s3://placeholder-bucket/checkpoint", "1"):
+        for _, spec in profile.expand(PLACEHOLDER_CHECKPOINT, "1"):
             if spec.output.startswith("s3://"):
                 buckets.add(spec.output[len("s3://") :].split("/", 1)[0])
     return sorted(buckets)

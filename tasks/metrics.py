@@ -193,22 +193,6 @@ def count_finished(kind: str, state: str) -> None:
     _write(lambda pipe: _inc(pipe, "porter_jobs_finished", (kind, state)))
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def job_finished(job: str, state: str) -> None:
-    """`count_finished` for a job id (its kind read from the job record)."""
-    if time.monotonic() < _client_state["down_until"]:
-        return
-    try:
-        kind = _text(_client().hget(f"porter:job:{job}", "kind") or "unknown")
-    except Exception as exc:
-        log.debug("metrics not recorded: %s", exc)
-        return
-    count_finished(kind, state)
-
-
 # --- Celery signals --------------------------------------------------------------------------
 
 _started: dict[str, float] = {}

@@ -40,6 +40,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ITERATION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _PLACEHOLDERS = {"model", "iteration", "export", "checkpoint"}
 _PROFILE_KEYS = {"model", "output", "notify", "exports", "huggingface"}
+PLACEHOLDER_CHECKPOINT = "s3://placeholder-bucket/checkpoint"  # expands templates at load time
 MAX_EXPORTS = 64
 MAX_NOTIFY = 8
 
@@ -178,7 +179,7 @@ def _profile(name: str, table: Any) -> Profile:
         hf_repo=hf.get("repo"),
         hf_checkpoint=hf.get("checkpoint"),
     )
-    profile.expand("s3://placeholder-bucket/checkpoint", "1")  # fail now, not at the first hook
+    profile.expand(PLACEHOLDER_CHECKPOINT, "1")  # fail now, not at the first hook
     return profile
 
 

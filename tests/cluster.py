@@ -16,9 +16,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -36,11 +37,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_until(check, timeout: float, what: str) -> None:
+def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll `check` until it returns something true; that value (TimeoutError naming `what`)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if check():
-            return
+        value = check()
+        if value:
+            return value
         time.sleep(0.05)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
@@ -65,7 +68,7 @@ def start_redis(data: Path, *options: str) -> tuple[subprocess.Popen, str]:
         except redis.ConnectionError:
             return False
 
-    _wait_until(ready, 10, "redis-server")
+    wait_until(ready, 10, "redis-server")
     return proc, url
 
 
@@ -102,7 +105,7 @@ def serve(env: dict[str, str], log: Path | None = None) -> Iterator[str]:
         return True
 
     try:
-        _wait_until(answers, 30, "porter serve")
+        wait_until(answers, 30, "porter serve")
         yield base
     finally:
         proc.terminate()
@@ -192,7 +195,7 @@ class Cluster:
             replies = app.control.ping(timeout=0.5) or []
             return len(replies) >= count
 
-        _wait_until(ready, timeout, f"{count} worker(s) to answer")
+        wait_until(ready, timeout, f"{count} worker(s) to answer")
 
     def signal_workers(self, sig: int) -> None:
         """Send `sig` to every worker process and its pool children."""

@@ -203,7 +203,7 @@ def test_redis_outage_makes_metric_writes_no_ops(monkeypatch):
         metrics._on_postrun(task_id="t", task=task, state="SUCCESS")
         metrics.observe_step("reshard:0", 1.0, 1, 1)
         metrics.count_redelivery("reshard:0")
-        metrics.job_finished("job", "FAILED")
+        metrics.count_finished("megatron-trtllm", "FAILED")
         metrics._WorkerBeat("w@h", ["cpu"], 1).beat()
         assert time.monotonic() - started < 2
         with pytest.raises(redis.RedisError):  # a scrape does fail: Prometheus shows up == 0

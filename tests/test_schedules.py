@@ -15,7 +15,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import redis
 from tasks import schedules
 from tasks.megatron_example import Layout
 from tasks.records import JobRecords
-from tests.cluster import PORTER, Cluster, start_redis, worker_env
+from tests.cluster import PORTER, Cluster, start_redis, wait_until, worker_env
 
 LEGACY_TP1 = Layout("legacy", 1, 1)
 LOCK_TIMEOUT = 3  # seconds: a standby takes over this long after the active beat died
@@ -37,17 +37,6 @@ kind = "megatron-trtllm"
 tp = 1
 output = "{{checkpoint}}-{{export}}"
 """
-
-
-def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll `check` until it returns something true; that value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class Scheduling:
@@ -103,7 +92,7 @@ class Scheduling:
             record = self.records.get(job, steps=False)
             return record if record and record["state"] in ("SUCCEEDED", "FAILED") else None
 
-        return until(ended, timeout, f"job {job} to end")
+        return wait_until(ended, timeout, f"job {job} to end")
 
 
 def _sends(log: Path, name: str) -> int:
@@ -154,7 +143,7 @@ def _name() -> str:
 
 def test_two_beats_fire_once_per_period_and_unchanged_checkpoint_is_skipped(sched, training):
     beats = [sched.start_beat(), sched.start_beat()]
-    until(lambda: _active(beats), 30, "a beat to take the lock")
+    wait_until(lambda: _active(beats), 30, "a beat to take the lock")
     name = _name()
     sched.add(name, training, "2s")  # first run 2 s from now
     try:
@@ -163,7 +152,9 @@ def test_two_beats_fire_once_per_period_and_unchanged_checkpoint_is_skipped(sche
         sends = sorted(_sends(log, name) for _, log in beats)
         # 3 periods of 2 s in 7 s; two beats both sending would give about twice as many.
         assert sends[0] == 0 and 3 <= sends[1] <= 4, sends  # only the lock holder sent
-        runs = until(lambda: len(sched.runs(name)) == sends[1] and sched.runs(name), 30, "runs")
+        runs = wait_until(
+            lambda: len(sched.runs(name)) == sends[1] and sched.runs(name), 30, "runs"
+        )
         assert int(sched.stats(name)["runs"]) == len(runs)
         first, *later = runs
         assert first["iteration"] == "10" and len(first["submitted"]) == 1, first
@@ -189,7 +180,7 @@ def test_new_iteration_gets_a_new_job_and_a_missing_tracker_is_recorded(sched, t
     sched.start_beat()
     sched.add(name, root, "1s")
     try:
-        stats = until(lambda: sched.stats(name).get("last_error"), 20, "a failed run")
+        stats = wait_until(lambda: sched.stats(name).get("last_error"), 20, "a failed run")
         assert "latest_checkpointed_iteration.txt" in stats
         errors = int(sched.stats(name)["errors"])
         assert errors >= 1
@@ -197,15 +188,15 @@ def test_new_iteration_gets_a_new_job_and_a_missing_tracker_is_recorded(sched, t
         source = megatron("llama").paths[LEGACY_TP1]
         shutil.copytree(source / "iter_0000010", root / "iter_0000010")
         (root / "latest_checkpointed_iteration.txt").write_text("10")
-        first = until(lambda: [r for r in sched.runs(name) if r.get("submitted")], 20, "a job")
+        first = wait_until(lambda: [r for r in sched.runs(name) if r.get("submitted")], 20, "a job")
         job10 = first[0]["submitted"][0]
         assert first[0]["iteration"] == "10"
         assert sched.wait_job(job10)["state"] == "SUCCEEDED"
-        until(lambda: sched.runs(name)[-1].get("skipped"), 10, "a run that skips iteration 10")
+        wait_until(lambda: sched.runs(name)[-1].get("skipped"), 10, "a run that skips iteration 10")
 
         shutil.copytree(source / "iter_0000010", root / "iter_0000020")
         (root / "latest_checkpointed_iteration.txt").write_text("20")
-        new = until(
+        new = wait_until(
             lambda: [r for r in sched.runs(name) if r.get("iteration") == "20"], 20, "iteration 20"
         )
         assert len(new[0]["submitted"]) == 1 and new[0]["submitted"][0] != job10, new[0]
@@ -222,16 +213,16 @@ def test_new_iteration_gets_a_new_job_and_a_missing_tracker_is_recorded(sched, t
 
 def test_standby_beat_takes_over_when_the_active_one_dies(sched, tmp_path):
     beats = [sched.start_beat(), sched.start_beat()]
-    active = until(lambda: _active(beats), 30, "a beat to take the lock")
+    active = wait_until(lambda: _active(beats), 30, "a beat to take the lock")
     standby = next(b for b in beats if b is not active)
     name = _name()
     sched.add(name, tmp_path / "nothing-here", "1s")  # runs record an error; cheap
     try:
-        until(lambda: _sends(active[1], name) >= 2, 10, "the active beat to send")
+        wait_until(lambda: _sends(active[1], name) >= 2, 10, "the active beat to send")
         os.killpg(active[0].pid, signal.SIGKILL)  # no clean shutdown: the lock must expire
         active[0].wait(10)
         killed = time.monotonic()
-        until(lambda: _sends(standby[1], name) >= 2, LOCK_TIMEOUT + 8, "the standby to send")
+        wait_until(lambda: _sends(standby[1], name) >= 2, LOCK_TIMEOUT + 8, "the standby to send")
         assert time.monotonic() - killed < LOCK_TIMEOUT + 6
         assert "beat: Acquired lock" in standby[1].read_text()
     finally:

@@ -86,12 +86,16 @@ class _Heartbeat(threading.Thread):
 
 
 def job_ended(job: str, state: str) -> None:
-    """This process ended `job` (its `finish` won): count it, queue its notifications."""
-    metrics.job_finished(job, state)
+    """This process ended `job` (its `finish` won): count it, queue its notifications (one read
+    of the record for both)."""
     try:
-        send_notifications(records(), job)
-    except Exception:  # the job's state is final whatever happens to its notifications
-        log.exception("%s: could not queue its notifications", job)
+        record = records().get(job, steps=False)
+        if record is None:
+            return
+        metrics.count_finished(record["kind"], state)
+        send_notifications(record)
+    except Exception:  # the job's state is final whatever happens to its metrics or notifications
+        log.exception("%s: could not count it or queue its notifications", job)
 
 
 def run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:

@@ -7,23 +7,19 @@ from typing import Any
 
 from config.celery_app import CPU_QUEUE, app
 from config.settings import Settings
+from tasks import service
 from tasks.jobs import task_id
 from tasks.notify import NotifyFailed, deliver, summary
-from tasks.records import FAILED, SUCCEEDED, JobRecords
+from tasks.records import FAILED, SUCCEEDED
 
 log = logging.getLogger(__name__)
 
 
-def _records() -> JobRecords:
-    settings = Settings.from_env()
-    return JobRecords(settings.redis_url, ttl=settings.record_ttl)
-
-
-def send_notifications(records: JobRecords, job: str) -> None:
-    """Queue the notifications of `job`, which just ended, if its profile asks for them."""
-    record = records.get(job, steps=False)
-    if record and record.get("notify") and record["state"] in (SUCCEEDED, FAILED):
-        attempt = record.get("attempt", 1)
+def send_notifications(record: dict[str, Any]) -> None:
+    """Queue the notifications of the job of `record`, which just ended, if its profile asks
+    for them."""
+    if record.get("notify") and record["state"] in (SUCCEEDED, FAILED):
+        job, attempt = record["id"], record.get("attempt", 1)
         app.send_task(
             "porter.notify", args=[job], task_id=task_id(job, "notify", attempt), queue=CPU_QUEUE
         )
@@ -34,7 +30,8 @@ def notify(job: str) -> dict[str, Any]:
     """POST the job's summary to each of its notification URLs; the outcome per URL is stored
     in the job record (`notifications`). At least once per attempt of the job (receivers dedup
     on X-Porter-Delivery)."""
-    settings, records = Settings.from_env(), _records()
+    settings = Settings.from_env()
+    records = service.connect(settings)
     record = records.get(job, steps=False)
     if record is None or record["state"] not in (SUCCEEDED, FAILED):
         return {}

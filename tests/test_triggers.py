@@ -369,9 +369,14 @@ def test_batch_with_an_invalid_entry_submits_nothing(cluster, s3_env, megatron, 
         [PORTER, "jobs", "--watch", "--interval", "30"],
         env=cluster.env, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(3)
+    killer = threading.Timer(60, watch.kill)  # a start-up under load takes seconds, not a minute
+    killer.start()
+    frame = ""
+    while not all(job in frame for job in jobs) and (line := watch.stdout.readline()):
+        frame += line  # the first frame, read as it is printed
+    killer.cancel()
     watch.terminate()
-    frame = watch.communicate(timeout=10)[0]
+    watch.communicate(timeout=10)
     assert all(job in frame for job in jobs) and "progress" in frame
 
 

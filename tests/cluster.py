@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -175,7 +176,7 @@ class Cluster:
         self._started[proc.pid] = (queues, concurrency, command, env)
         return proc
 
-    def revive(self) -> None:
+    def revive(self, wait: bool = True) -> None:
         """Replace workers that exited (killed by a test, or stopped by the pool watchdog), so
         every test starts with the cluster it expects."""
         dead = [proc for proc in self.workers if proc.poll() is not None]
@@ -183,8 +184,33 @@ class Cluster:
             self.workers.remove(proc)
             queues, concurrency, command, env = self._started.pop(proc.pid)
             self.start_worker(queues, concurrency, command=command, env=env)
-        if dead:
+        if dead and wait:
             self.wait_for_workers(len(self.workers))
+
+    @contextlib.contextmanager
+    def supervised(self, interval: float = 0.5) -> Iterator[None]:
+        """Restart workers that exit while the block runs, as Kubernetes or systemd would (the
+        pool watchdog stops a wedged worker and relies on that)."""
+        done = threading.Event()
+
+        def supervise() -> None:
+            while not done.wait(interval):
+                self.revive(wait=False)
+
+        thread = threading.Thread(target=supervise, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    def log_tails(self, chars: int = 3000) -> str:
+        """The end of every worker's log, for a failure message."""
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}"
+            for p in sorted(self.logs.iterdir())
+        )
 
     def wait_for_workers(self, count: int, timeout: float = 60) -> None:
         from celery import Celery
@@ -254,7 +280,6 @@ def cluster(redis_url: str, moto_s3: str, tmp_path_factory: pytest.TempPathFacto
         c.wait_for_workers(2)
     except TimeoutError:
         c.stop()
-        logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in c.logs.iterdir())
-        pytest.fail(f"workers did not start:\n{logs}")
+        pytest.fail(f"workers did not start:\n{c.log_tails(2000)}")
     yield c
     c.stop()

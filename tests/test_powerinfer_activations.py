@@ -40,7 +40,7 @@ def test_more_than_ten_layers_keep_numeric_order(tmp_path: Path) -> None:
     (tmp_path / "act" / "notes.txt").write_text("ignored")
     torch.save(torch.ones(3), tmp_path / "act" / "activation_3.pt.bak")
     acts = load_activations(tmp_path / "act")
-    assert acts.values.shape == (12, N_FF) and acts.values.dtype == np.float64
+    assert acts.values.shape == (12, N_FF) and acts.values.dtype == np.float32  # as stored
     assert [p.name for p in acts.files] == [f"activation_{i}.pt" for i in range(12)]
     split = solve(acts.values, 12 * 256)
     assert split.counts == (256,) * 12

@@ -272,7 +272,11 @@ def summarize(index: GpuIndex, values: np.ndarray | None = None) -> list[LayerSu
     for layer, entry in enumerate(index.layers):
         share = None
         if values is not None:
-            total = float(values[layer].sum())
-            share = float(values[layer][entry.bucket].sum()) / total if total > 0 else 0.0
+            total = float(values[layer].sum(dtype=np.float64))
+            share = (
+                float(values[layer][entry.bucket].sum(dtype=np.float64)) / total
+                if total > 0
+                else 0.0
+            )
         rows.append(LayerSummary(layer, entry.mask.size, int(entry.bucket.size), share))
     return rows

@@ -229,21 +229,6 @@ class Cluster:
             for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(True)]:
                 p.send_signal(sig)
 
-    def renice(self, niceness: int) -> None:
-        """Set the scheduling niceness of every worker process and its pool children (children
-        forked later inherit it). Raising it lets a test's watcher run before the workers' tasks
-        on a busy machine; lowering it again needs root, else the workers are restarted."""
-        for proc in list(self.workers):
-            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(True)]
-            try:
-                for p in family:
-                    p.nice(niceness)
-            except psutil.AccessDenied:
-                self.stop_worker(proc)
-                self.start_worker(*self._started.pop(proc.pid)[:2])
-            except psutil.NoSuchProcess:
-                pass
-
     def porter(self, *args: str, timeout: float = 120, check: bool = False):
         """Run the `porter` CLI as a client of this cluster."""
         return subprocess.run(

@@ -95,12 +95,20 @@ def test_a_rank_that_kills_its_worker_every_time_fails_the_job_not_the_queue(
     source = megatron("llama").paths[LEGACY_TP2]
     upload(source, f"s3://{s3_env}/ckpt")
     records = JobRecords(cluster.redis_url)
-    job = submit(cluster, f"s3://{s3_env}/ckpt", f"s3://{s3_env}/out", "--tp", "4")
+    # The workers are held while `porter submit` runs: a rank of this tiny model takes ~0.1 s,
+    # and the job could be over before the command has exited and the watcher below begun.
+    cluster.signal_workers(signal.SIGSTOP)
+    try:
+        job = submit(cluster, f"s3://{s3_env}/ckpt", f"s3://{s3_env}/out", "--tp", "4")
+    finally:
+        cluster.signal_workers(signal.SIGCONT)
     killed: set[float] = set()  # starts of rank 1 killed so far (one per delivery)
+    seen: list[tuple] = []  # what the watcher saw, for the failure message
     deadline = time.monotonic() + 90
-    # PENDING too: under load the job may not have started when the first check runs.
-    while records.state(job) in ("PENDING", "RUNNING") and time.monotonic() < deadline:
+    while (state := records.state(job)) in ("PENDING", "RUNNING") and time.monotonic() < deadline:
         fields = dict(records.steps(job)).get("reshard:1", {})
+        if not seen or seen[-1] != (state, fields.get("state"), fields.get("started")):
+            seen.append((state, fields.get("state"), fields.get("started")))
         # A killed delivery stays RUNNING in the record until the next one starts: key on the
         # start time, not on the delivery counter (counted before the new start is recorded).
         if fields.get("state") == "RUNNING" and fields["started"] not in killed:
@@ -109,7 +117,7 @@ def test_a_rank_that_kills_its_worker_every_time_fails_the_job_not_the_queue(
             killed.add(fields["started"])
         time.sleep(0.003)
     record = records.get(job)
-    assert record["state"] == "FAILED", record
+    assert record["state"] == "FAILED", (seen, state, record)
     assert len(killed) == 3
     assert record["steps"]["reshard:1"]["deliveries"] == 4  # the fourth was refused
     assert "reshard:1" in record["error"] and "died 3 times" in record["error"]

@@ -310,7 +310,8 @@ def report(res: dict[str, Any], rounds: int, limit: float, command: str) -> str:
         + ", ".join(
             f"{res['porter'][t]['times']['group'] * 1e3:.1f} ms (T={t})" for t in THRESHOLDS
         )
-        + "; float32 statistics are sorted as float32 and summed in float64; shared by all "
+        + f"; float32 statistics are sorted as float32, layers split over the "
+        f"{len(os.sched_getaffinity(0))} usable cores, and summed in float64; shared by all "
         "budgets of a job); the rest is `solve`: "
         + ", ".join(
             f"{res['porter'][t]['times']['split'] * 1e3:.2f} ms (T={t}, "

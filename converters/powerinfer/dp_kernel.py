@@ -22,45 +22,44 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-_STACK = 128  # divide-and-conquer depth is ⌈log2(budget + 1)⌉ + 1: far below this
-
 
 @njit(cache=True, nogil=True)
-def _layer(best, reach, p, m, n, budget, new, pick):  # pragma: no cover - compiled
-    top = min(budget, reach + n)
+def _layer(best, reach, p, m, n, budget, new, pick, low, high):  # pragma: no cover - compiled
     for b in range(budget + 1):
         new[b] = best[b]  # k = 0
         pick[b] = 0
-    if m > top:
+    top = min(budget, reach + n)
+    rows = top - m + 1  # row r is b = m + r; it may use j = b − k ∈ [b − n, b − m], j ≤ reach
+    if rows <= 0:
         return
-    # Rows b ∈ [lo, hi] whose maximising j lies in [jlo, jhi]; row b may use j ∈ [b − n, b − m].
-    stack = np.empty((_STACK, 4), dtype=np.int64)
-    stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = m, top, 0, reach
-    size = 1
-    while size > 0:
-        size -= 1
-        lo, hi, jlo, jhi = stack[size, 0], stack[size, 1], stack[size, 2], stack[size, 3]
-        if lo > hi:
-            continue
-        mid = (lo + hi) // 2
-        arg = -1
-        val = -np.inf
-        for j in range(max(jlo, mid - n), min(jhi, mid - m) + 1):
-            v = best[j] + p[mid - j]
-            if v >= val and v > -np.inf:  # ≥: the largest j, i.e. the smallest k, wins ties
-                val = v
-                arg = j
-        if arg >= 0:
-            if val > new[mid]:  # strict: k = 0 wins ties
-                new[mid] = val
-                pick[mid] = mid - arg
-            left_hi, right_lo = arg, arg
-        else:  # no reachable j: this row says nothing about its neighbours
-            left_hi, right_lo = jhi, jlo
-        stack[size, 0], stack[size, 1], stack[size, 2], stack[size, 3] = lo, mid - 1, jlo, left_hi
-        stack[size + 1, 0], stack[size + 1, 1] = mid + 1, hi
-        stack[size + 1, 2], stack[size + 1, 3] = right_lo, jhi
-        size += 2
+    # Divide and conquer, level by level: rows at odd multiples of h (minus one) lie between
+    # rows of the previous level, whose maximising j bound theirs. low[r] / high[r]: the bounds
+    # row r gives the rows right / left of it (its j; its own bounds if no j reaches it).
+    h = 1
+    while h * 2 <= rows:
+        h *= 2
+    while h >= 1:
+        for r in range(h - 1, rows, 2 * h):
+            b = m + r
+            j_low = low[r - h] if r >= h else 0
+            j_high = high[r + h] if r + h < rows else reach
+            val = -np.inf
+            arg = j_low
+            for j in range(max(j_low, b - n), min(j_high, b - m) + 1):
+                v = best[j] + p[b - j]
+                if v >= val:  # ≥: the largest j, i.e. the smallest k, wins ties
+                    val = v
+                    arg = j
+            if val > -np.inf:
+                if val > new[b]:  # strict: k = 0 wins ties
+                    new[b] = val
+                    pick[b] = b - arg
+                low[r] = arg
+                high[r] = arg
+            else:  # no reachable j: this row says nothing about its neighbours
+                low[r] = j_low
+                high[r] = j_high
+        h //= 2
 
 
 @njit(cache=True, nogil=True)
@@ -71,9 +70,11 @@ def _counts(prefix, budget, min_groups):  # pragma: no cover - compiled
     best[0] = 0.0
     new = np.empty(budget + 1)
     choice = np.zeros((n_layers, budget + 1), dtype=np.int32)
+    low = np.empty(budget + 1, dtype=np.int64)
+    high = np.empty(budget + 1, dtype=np.int64)
     reach = 0  # highest b with a finite best[b]
     for layer in range(n_layers):
-        _layer(best, reach, prefix[layer], min_groups, n, budget, new, choice[layer])
+        _layer(best, reach, prefix[layer], min_groups, n, budget, new, choice[layer], low, high)
         best, new = new, best
         reach = min(budget, reach + n)
     used = 0  # the first maximum: the fewest groups among optimal choices

@@ -19,7 +19,9 @@ PowerInfer's integer program (which is solved with a time limit).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -29,6 +31,7 @@ from converters.powerinfer.dp_kernel import thresholded_counts
 from converters.powerinfer.errors import InvalidSplitParameters
 
 DEFAULT_BATCH = 256
+_PARALLEL_SORT_SIZE = 1 << 20  # values per sorting thread, at least
 
 
 @dataclass(frozen=True)
@@ -117,8 +120,21 @@ def group_values(values: np.ndarray, batch: int = DEFAULT_BATCH) -> np.ndarray:
             f"(the largest power of two that does is {n_ff & -n_ff}; PowerInfer's GPU kernels "
             "want multiples of 256), or give the per-layer counts explicitly"
         )
-    ascending = np.sort(values, axis=1).reshape(n_layers, n_ff // batch, batch)
-    return np.ascontiguousarray(ascending.sum(axis=2, dtype=np.float64)[:, ::-1])
+
+    def sums(rows: np.ndarray) -> np.ndarray:
+        ascending = np.sort(rows, axis=1).reshape(rows.shape[0], n_ff // batch, batch)
+        return ascending.sum(axis=2, dtype=np.float64)[:, ::-1]
+
+    # numpy sorts without the GIL: large inputs are split by layers over the usable cores, the
+    # calling thread taking the first share (a pool that did all the work, fresh per call, was
+    # no faster than one thread here once torch was imported).
+    threads = min(len(os.sched_getaffinity(0)), n_layers, values.size // _PARALLEL_SORT_SIZE)
+    if threads <= 1:
+        return np.ascontiguousarray(sums(values))
+    first, *rest = np.array_split(values, threads)
+    with ThreadPoolExecutor(threads - 1) as pool:
+        others = [pool.submit(sums, part) for part in rest]
+        return np.concatenate([sums(first), *(future.result() for future in others)])
 
 
 def _greedy(groups: np.ndarray, budget: int) -> np.ndarray:

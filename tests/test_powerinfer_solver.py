@@ -107,10 +107,14 @@ def brute_force_counts(groups: np.ndarray, budget: int, min_groups: int) -> np.n
 
 @pytest.mark.parametrize("seed", range(300))
 def test_dp_equals_the_cell_by_cell_programme_on_integer_counts(seed: int) -> None:
-    """Integer counts (exact arithmetic, many ties): the same counts, tie for tie."""
+    """Integer counts (exact arithmetic, many ties): the same counts, tie for tie. The last
+    seeds are larger (deeper divide and conquer, budgets in the hundreds)."""
     rng = np.random.default_rng(seed)
-    n_layers, n_groups = int(rng.integers(1, 9)), int(rng.integers(2, 12))
-    groups = -np.sort(-rng.integers(0, 4, (n_layers, n_groups)).astype(float), axis=1)
+    large = seed >= 295
+    n_layers = int(rng.integers(10, 25) if large else rng.integers(1, 9))
+    n_groups = int(rng.integers(20, 40) if large else rng.integers(2, 12))
+    top = 1000 if large else 4
+    groups = -np.sort(-rng.integers(0, top, (n_layers, n_groups)).astype(float), axis=1)
     groups[rng.random(n_layers) < 0.2] = 0.0  # idle layers
     budget = int(rng.integers(2, n_layers * n_groups + 1))
     min_groups = int(rng.integers(2, n_groups + 2))

@@ -16,6 +16,7 @@ Dockerfile and the local stack script, checked offline.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.resources
@@ -23,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tomllib
 from pathlib import Path
@@ -30,12 +32,16 @@ from urllib.parse import urlparse
 
 import jsonschema
 import kubernetes_validate
+import psutil
 import pytest
+import redis
 import yaml
+from kombu.exceptions import OperationalError
 from kubernetes_validate.utils import SchemaNotFoundError
 
 from config.celery_app import CPU_QUEUE, GPU_QUEUE
 from config.settings import Settings
+from tests.cluster import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -689,6 +695,55 @@ def test_dockerfile_installs_cpu_torch_first_and_runs_porter():
         assert pattern.rstrip("*") in copied
     (entrypoint,) = [line for line in lines if line.startswith("ENTRYPOINT ")]
     assert json.loads(entrypoint.removeprefix("ENTRYPOINT "))[-1] == "porter"
+
+
+def _worker_pids(redis_url: str) -> set[int]:
+    """Main-process pids of the workers that answer a ping (their names are porter-cpu-PID@host)."""
+    from celery import Celery
+
+    replies = Celery(broker=redis_url).control.ping(timeout=0.5) or []
+    return {int(name.split("@")[0].rsplit("-", 1)[1]) for reply in replies for name in reply}
+
+
+def test_local_stack_restarts_a_worker_that_exits_and_stops_all(tmp_path):
+    """What the pool watchdog relies on: a worker that stops itself (SIGQUIT) comes back."""
+    port, api_port = free_port(), free_port()
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    proc = subprocess.Popen(
+        [str(DEPLOY / "local" / "run.sh"), "--workers", "1", "--port", str(port),
+         "--api-port", str(api_port), "--dir", str(tmp_path / "stack"), "--no-beat"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        (first,) = wait_until(lambda: _worker_pids(redis_url), 90, "the worker to answer")
+        os.kill(first, signal.SIGQUIT)  # what the watchdog does: Celery's cold shutdown
+
+        def new_worker() -> set[int]:
+            assert proc.poll() is None, "run.sh stopped the stack when its worker exited"
+            with contextlib.suppress(redis.RedisError, OperationalError, OSError):  # redis gone
+                return _worker_pids(redis_url) - {first}
+            return set()
+
+        restarted = wait_until(new_worker, 90, "a new worker to answer")
+        assert len(restarted) == 1
+        assert not psutil.pid_exists(first) or psutil.Process(first).status() == "zombie"
+        log = (tmp_path / "stack" / "logs" / "worker-1.log").read_text()
+        assert "restarting in 1 s" in log
+        assert proc.poll() is None  # the stack kept running
+        proc.terminate()  # Ctrl-C or a service manager: run.sh stops everything it started
+        proc.wait(60)
+        group = [p for p in psutil.process_iter(["pid"]) if _in_group(p, proc.pid)]
+        assert group == [], group
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _in_group(process: psutil.Process, group: int) -> bool:
+    try:
+        return os.getpgid(process.pid) == group and process.status() != psutil.STATUS_ZOMBIE
+    except (ProcessLookupError, psutil.Error):
+        return False
 
 
 def test_local_stack_script_is_valid_bash_and_starts_beat():

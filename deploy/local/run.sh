@@ -2,7 +2,8 @@
 # Porter's distributed mode on this machine, as real processes: redis-server (AOF on, loopback
 # only), N `porter worker` processes on the cpu queue, the status API (`porter serve`,
 # http://127.0.0.1:8080/v1/jobs) and the scheduler of re-exports (`porter beat`, celery-redbeat;
-# --no-beat leaves it out). Runs in the foreground; Ctrl-C stops all.
+# --no-beat leaves it out). Runs in the foreground; Ctrl-C stops all. Workers that exit are
+# restarted; any other process exiting stops the stack.
 #
 #   deploy/local/run.sh [--workers N] [--concurrency C] [--port P] [--api-port A] [--dir DIR]
 #                       [--no-beat]
@@ -39,6 +40,21 @@ stop() {
 }
 trap stop INT TERM EXIT
 
+# Run "$@" again whenever it exits, as a supervisor would: the pool watchdog stops a worker whose
+# prefork pool is wedged (tasks/pool_watchdog.py) and relies on being restarted.
+supervise() {
+  local child status
+  trap 'kill "$child" 2>/dev/null; wait "$child" 2>/dev/null; exit 0' INT TERM
+  while true; do
+    "$@" &
+    child=$!
+    status=0
+    wait "$child" || status=$?
+    echo "[run.sh $(date -Is)] exited with status $status; restarting in 1 s" >&2
+    sleep 1
+  done
+}
+
 redis-server --port "$port" --bind 127.0.0.1 --dir "$(cd "$dir/redis" && pwd)" \
   --appendonly yes --maxmemory-policy noeviction >"$dir/logs/redis.log" 2>&1 &
 pids+=($!)
@@ -48,7 +64,8 @@ for _ in $(seq 100); do
 done
 export PORTER_REDIS_URL="redis://127.0.0.1:$port/0"
 for i in $(seq "$workers"); do
-  .venv/bin/porter worker --queues cpu --concurrency "$concurrency" >"$dir/logs/worker-$i.log" 2>&1 &
+  supervise .venv/bin/porter worker --queues cpu --concurrency "$concurrency" \
+    >>"$dir/logs/worker-$i.log" 2>&1 &
   pids+=($!)
 done
 .venv/bin/porter serve --port "$api_port" >"$dir/logs/api.log" 2>&1 &

@@ -123,6 +123,11 @@ def test_dp_equals_the_cell_by_cell_programme_on_integer_counts(seed: int) -> No
     assert split.counts == tuple(brute_force_counts(groups, budget, min_groups))
 
 
+def test_dp_refuses_unsorted_groups() -> None:
+    with pytest.raises(ValueError, match="non-increasing"):
+        solve_groups(np.array([[1.0, 2.0, 0.0]]), 3, batch=1, threshold=2)
+
+
 def test_zero_value_groups_left_off_unless_threshold_needs_them() -> None:
     values = np.array([[5.0, 0, 0, 0], [1.0, 1.0, 0, 0]])
     assert solve(values, 8, batch=1).counts == (1, 2)  # capacity spare, zeros not taken

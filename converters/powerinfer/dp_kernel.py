@@ -91,6 +91,8 @@ def _counts(prefix, budget, min_groups):  # pragma: no cover - compiled
 def thresholded_counts(groups: np.ndarray, budget: int, min_groups: int) -> np.ndarray:
     """Groups per layer maximising the total value with ≤ `budget` groups in all and each layer
     at 0 or ≥ `min_groups` (`groups`: [L, n_groups] float64, non-increasing along each row)."""
+    if (np.diff(groups, axis=1) > 0).any():  # the divide and conquer relies on it
+        raise ValueError("group values must be non-increasing along each layer (group_values)")
     n_layers, n_groups = groups.shape
     prefix = np.zeros((n_layers, n_groups + 1))
     np.cumsum(groups, axis=1, out=prefix[:, 1:])

@@ -13,6 +13,11 @@ The watchdog counts those errors (they are logged by `celery.concurrency.asynpoo
 (SIGQUIT): the connection closes, kombu puts the reserved message back on its queue, and the
 supervisor (Kubernetes, Compose, systemd) starts a new worker. Running steps of other workers are
 unaffected; steps this worker held are re-queued by the reaper of the surviving workers.
+
+The cold shutdown can itself hang on the wedged pool (seen in a full test run: the worker held a
+task it had passed to the pool and was still alive minutes later). So if the worker is still
+running `GRACE` seconds after SIGQUIT, the watchdog puts every message this worker holds back on
+its queue (first in line, as the reaper does) and exits at once (`os._exit`, status 70).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import collections
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -28,11 +34,46 @@ POOL_LOGGER = "celery.concurrency.asynpool"
 UP_TIMEOUT_MESSAGE = "Timed out waiting for UP message"
 LIMIT = 5
 WINDOW = 120.0
+GRACE = 20.0  # seconds the cold shutdown may take before the worker exits anyway
+EX_SOFTWARE = 70
 
 log = logging.getLogger(__name__)
 
 
-def _cold_shutdown() -> None:
+def hand_back_held_messages() -> int:
+    """Put the message of every task this worker holds (reserved or running) back on its queue,
+    first in line; returns how many were still waiting for an acknowledgement."""
+    from celery.worker import state
+
+    from config.celery_app import app
+    from tasks.reaper import restore_message
+
+    return sum(restore_message(app, request.id) for request in list(state.reserved_requests))
+
+
+def _exit_if_still_running(grace: float) -> None:
+    time.sleep(grace)
+    handed = 0
+    try:
+        handed = hand_back_held_messages()
+    except Exception:  # exit regardless: the reaper or the visibility timeout returns them
+        log.exception("could not hand back the messages this worker holds")
+    log.critical(
+        "the cold shutdown did not end the worker in %.0f s; handed back %d held message(s); "
+        "exiting now",
+        grace,
+        handed,
+    )
+    logging.shutdown()
+    os._exit(EX_SOFTWARE)
+
+
+def stop_worker() -> None:
+    """Cold shutdown (SIGQUIT); if the worker still runs `GRACE` seconds later, hand back what it
+    holds and exit."""
+    threading.Thread(
+        target=_exit_if_still_running, args=(GRACE,), name="pool-watchdog-exit", daemon=True
+    ).start()
     os.kill(os.getpid(), signal.SIGQUIT)
 
 
@@ -41,7 +82,7 @@ class PoolWatchdog(logging.Handler):
 
     def __init__(
         self,
-        stop: Callable[[], None] = _cold_shutdown,
+        stop: Callable[[], None] = stop_worker,
         limit: int = LIMIT,
         window: float = WINDOW,
     ) -> None:
@@ -66,7 +107,7 @@ class PoolWatchdog(logging.Handler):
             self.stop()
 
 
-def install(stop: Callable[[], None] = _cold_shutdown) -> PoolWatchdog:
+def install(stop: Callable[[], None] = stop_worker) -> PoolWatchdog:
     """Attach a watchdog to the pool's logger (in the worker's main process)."""
     watchdog = PoolWatchdog(stop)
     logging.getLogger(POOL_LOGGER).addHandler(watchdog)

@@ -40,22 +40,27 @@ EX_SOFTWARE = 70
 log = logging.getLogger(__name__)
 
 
-def hand_back_held_messages() -> int:
-    """Put the message of every task this worker holds (reserved or running) back on its queue,
-    first in line; returns how many were still waiting for an acknowledgement."""
+def held_task_ids() -> set[str]:
+    """Ids of the tasks this worker holds (reserved or running)."""
     from celery.worker import state
 
+    return {request.id for request in list(state.reserved_requests)}
+
+
+def hand_back_held_messages(task_ids: set[str]) -> int:
+    """Put the messages of `task_ids` back on their queues, first in line; returns how many were
+    still waiting for an acknowledgement."""
     from config.celery_app import app
     from tasks.reaper import restore_message
 
-    return sum(restore_message(app, request.id) for request in list(state.reserved_requests))
+    return sum(restore_message(app, task_id) for task_id in task_ids)
 
 
-def _exit_if_still_running(grace: float) -> None:
+def _exit_if_still_running(grace: float, held: set[str]) -> None:
     time.sleep(grace)
     handed = 0
-    try:
-        handed = hand_back_held_messages()
+    try:  # what it held when stopped, too: a cancelled request leaves the reserved set
+        handed = hand_back_held_messages(held | held_task_ids())
     except Exception:  # exit regardless: the reaper or the visibility timeout returns them
         log.exception("could not hand back the messages this worker holds")
     log.critical(
@@ -72,7 +77,10 @@ def stop_worker() -> None:
     """Cold shutdown (SIGQUIT); if the worker still runs `GRACE` seconds later, hand back what it
     holds and exit."""
     threading.Thread(
-        target=_exit_if_still_running, args=(GRACE,), name="pool-watchdog-exit", daemon=True
+        target=_exit_if_still_running,
+        args=(GRACE, held_task_ids()),
+        name="pool-watchdog-exit",
+        daemon=True,
     ).start()
     os.kill(os.getpid(), signal.SIGQUIT)
 

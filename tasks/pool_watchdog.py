@@ -14,21 +14,26 @@ The watchdog counts those errors (they are logged by `celery.concurrency.asynpoo
 supervisor (Kubernetes, Compose, systemd) starts a new worker. Running steps of other workers are
 unaffected; steps this worker held are re-queued by the reaper of the surviving workers.
 
-The cold shutdown can itself hang on the wedged pool (seen in a full test run: the worker held a
-task it had passed to the pool and was still alive minutes later). So if the worker is still
-running `GRACE` seconds after SIGQUIT, the watchdog puts every message this worker holds back on
-its queue (first in line, as the reaper does) and exits at once (`os._exit`, status 70).
+The cold shutdown can itself hang on the wedged pool (seen in full test runs: the worker was
+still alive minutes later; its signal handler runs inside the event loop's callback that logged
+the error, so it may wait on a loop that no longer turns). So if the worker is still running
+`GRACE` seconds after SIGQUIT, the watchdog puts the messages of the tasks this worker held back on
+their queues (first in line, as the reaper does), kills its pool processes and exits at once
+(`os._exit`, status 70).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
+
+import psutil
 
 POOL_LOGGER = "celery.concurrency.asynpool"
 UP_TIMEOUT_MESSAGE = "Timed out waiting for UP message"
@@ -69,7 +74,11 @@ def _exit_if_still_running(grace: float, held: set[str]) -> None:
         grace,
         handed,
     )
-    logging.shutdown()
+    # No logging.shutdown(): the main thread, stuck in the shutdown, may hold a handler's lock
+    # (seen: the process lived on). Records are flushed as they are written.
+    for child in psutil.Process().children(recursive=True):  # the wedged pool's processes
+        with contextlib.suppress(psutil.Error):
+            child.kill()
     os._exit(EX_SOFTWARE)
 
 

@@ -320,7 +320,7 @@ def _empty(path: Path) -> None:
 
 def upload(local: Path, uri: str) -> int:
     """Put every file under `local` at the same relative key under `uri`; returns the bytes."""
-    from tasks.store import open_store
+    from tasks.storage.store import open_store
 
     store = open_store(uri)
     total = 0
@@ -331,7 +331,7 @@ def upload(local: Path, uri: str) -> int:
 
 
 def object_sizes(uri: str) -> dict[str, int]:
-    from tasks.store import open_store
+    from tasks.storage.store import open_store
 
     store = open_store(uri)
     return {key: store.stat(key).bytes for key in store.list()}
@@ -391,7 +391,7 @@ def run_submit(
     source: str, dest: str, servers: Servers, groups: dict[str, list[int]], caches: list[Path]
 ) -> dict[str, Any]:
     """`porter submit --wait` through the queue, worker caches emptied first; adds the record."""
-    from tasks.records import JobRecords
+    from tasks.jobs.records import JobRecords
 
     for cache in caches:
         _empty(cache)
@@ -516,7 +516,7 @@ def profile_s3_convert(source: str, dest: str, cache: Path) -> dict[str, Any]:
     import pstats
 
     from tasks.executors.local import run_conversion
-    from tasks.jobs import ConvertSpec
+    from tasks.kinds.megatron_trtllm import ConvertSpec
 
     _empty(cache)
     os.environ["PORTER_CACHE_DIR"] = str(cache)
@@ -562,7 +562,7 @@ def write_scaling_checkpoint(root: Path) -> dict[str, Any]:
     """The ≈1 GiB TP=2 legacy checkpoint (weights and optimizer state) by megatron-core."""
     import torch
 
-    from tasks.megatron_example import write_example_checkpoint
+    from converters.megatron.example import write_example_checkpoint
 
     s = SCALING_SHAPE
     overrides = {
@@ -588,7 +588,7 @@ def write_scaling_checkpoint(root: Path) -> dict[str, Any]:
 
 def get_probe(uri: str, key: str, size: int, count: int = 4) -> float:
     """Seconds per 16 MiB ranged GET of object `key` (spread over the object), as a rank does."""
-    from tasks.store import open_store
+    from tasks.storage.store import open_store
 
     store = open_store(uri)
     step = max(1, (size - 16 * MiB) // count)
@@ -659,7 +659,7 @@ def scaling(servers: Servers, work: Path) -> dict[str, Any]:
 
 
 def _small_get(uri: str, key: str, size: int) -> float:
-    from tasks.store import open_store
+    from tasks.storage.store import open_store
 
     store = open_store(uri)
     n = min(size, 16 * MiB)
@@ -749,7 +749,7 @@ def report(res: dict[str, Any], mach: dict[str, Any], command: str, total_s: flo
         f"Where a tiny s3 job's time goes: the same s3 → s3 conversion run in one process "
         f"(`run_conversion`, one worker) under cProfile took {ov['profile']['wall_s']:.2f} s, of "
         f"which {ov['profile']['open_store_s']:.2f} s were spent in "
-        f"{ov['profile']['open_store_calls']} calls of `tasks.store.open_store` (constructing "
+        f"{ov['profile']['open_store_calls']} calls of `tasks.storage.store.open_store` (constructing "
         "S3 stores and their boto3 clients), and "
         f"{ov['profile']['json_decode_s']:.2f} s in JSON decoding (botocore reads its service "
         "models from JSON when it creates a session's first client).",

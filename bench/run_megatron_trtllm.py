@@ -325,7 +325,9 @@ def run(scratch: Path, rounds: int) -> dict[str, Any]:
             _clear(out)
 
     imports = [
-        measure([py, "-c", "import torch, tasks.steps, tasks.executors.local"]).wall_s
+        measure(
+            [py, "-c", "import torch, tasks.kinds.megatron_trtllm, tasks.executors.local"]
+        ).wall_s
         for _ in range(3)
     ]
     diffs = compare_outputs(keep[porter_label(1)], keep[BASELINE])

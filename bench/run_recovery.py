@@ -116,7 +116,7 @@ def pid_of(fields: dict[str, Any]) -> int:
 
 def digests(uri: str) -> dict[str, str]:
     """path → sha256 of the files listed in the manifest at `uri`."""
-    from tasks.store import open_store
+    from tasks.storage.store import open_store
 
     manifest = open_store(uri).get_json("manifest.json")
     if manifest is None:
@@ -158,7 +158,7 @@ class Run:
     """Two fresh workers (empty caches) with the given settings, for one scenario."""
 
     def __init__(self, servers: Servers, name: str, settings: dict[str, str]) -> None:
-        from tasks.records import JobRecords
+        from tasks.jobs.records import JobRecords
 
         self.servers = with_settings(servers, settings)
         self.name = name
@@ -314,7 +314,7 @@ def kill_every_time(servers: Servers, src: str, tiny: str) -> dict[str, Any]:
                     pass
             time.sleep(0.003)
         record = wait_job(run.records, job, ("FAILED", "SUCCEEDED"), 10)
-        from tasks.store import open_store
+        from tasks.storage.store import open_store
 
         published = open_store(dest).stat("manifest.json") is not None
         t0 = time.time()
@@ -336,8 +336,8 @@ def kill_every_time(servers: Servers, src: str, tiny: str) -> dict[str, Any]:
 def tiny_jobs(servers: Servers, tiny_local: Path, work: Path) -> dict[str, Any]:
     """TINY_JOBS tiny jobs (local → local, TP=2 → TP=2) submitted at once."""
     from config.celery_app import app
-    from tasks import service
-    from tasks.jobs import ConvertSpec
+    from tasks.jobs import service
+    from tasks.kinds.megatron_trtllm import ConvertSpec
 
     app.conf.broker_url = app.conf.result_backend = servers.redis_url
     with Run(servers, "tiny", PRODUCTION) as run:
@@ -377,7 +377,7 @@ def write_checkpoint(root: Path) -> dict[str, Any]:
     """torch_dist, training TP=2, bf16, bench/run_distributed.py's scaling shape."""
     import torch
 
-    from tasks.megatron_example import write_example_checkpoint
+    from converters.megatron.example import write_example_checkpoint
 
     s = SCALING_SHAPE
     same = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",

@@ -1,7 +1,7 @@
 """The Celery app: Redis broker and backend, JSON only, the reliability settings of the pipeline spec.
 
 Task modules are named by string (`include`), never imported here: `config` does not depend on
-`tasks` (except on `tasks.metrics`, imported at the end for its signal handlers). Queues: `cpu`
+`tasks` (except on `tasks.ops.metrics`, imported at the end for its signal handlers). Queues: `cpu`
 (inspect, re-shard, config, publish) and `gpu` (engine builds).
 """
 
@@ -10,11 +10,10 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
+from config.queues import CPU_QUEUE, GPU_QUEUE
 from config.settings import Settings
 
-CPU_QUEUE = "cpu"
-GPU_QUEUE = "gpu"
-TASK_MODULES = ["tasks.executors.celery", "tasks.executors.celery_powerinfer", "tasks.schedules"]
+TASK_MODULES = ["tasks.executors.celery", "tasks.triggers.schedules"]
 # `porter beat` (celery-redbeat): ticks at least this often (seconds), and a standby beat takes
 # over this long after the active one stopped renewing its lock in Redis.
 BEAT_MAX_INTERVAL = 5
@@ -53,7 +52,7 @@ def celery_config(settings: Settings) -> dict:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
-        # Scheduled re-exports (tasks.schedules): the schedule lives in this Redis (celery-redbeat);
+        # Scheduled re-exports (tasks.triggers.schedules): the schedule lives in this Redis (celery-redbeat);
         # one `porter beat` holds the lock and sends, any other waits to take over.
         "beat_scheduler": "redbeat.RedBeatScheduler",
         "beat_max_loop_interval": BEAT_MAX_INTERVAL,
@@ -72,7 +71,3 @@ def make_app(settings: Settings | None = None) -> Celery:
 
 
 app = make_app()
-
-# Task metrics come from Celery signals in every process that sends or runs tasks (workers, CLI,
-# API): the one import from `tasks` here, of a module that imports nothing of `tasks`.
-import tasks.metrics  # noqa: E402, F401

@@ -10,7 +10,7 @@ import pytest
 import torch
 from filelock import FileLock
 
-from tasks.megatron_example import Layout, write_example_checkpoints
+from converters.megatron.example import Layout, write_example_checkpoints
 from tests.cluster import cluster, redis_url  # noqa: F401  (fixtures: real servers, lazily)
 from tests.s3_server import moto_s3, s3_env  # noqa: F401
 

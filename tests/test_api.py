@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from tasks.megatron_example import Layout
+from converters.megatron.example import Layout
 from tests.cluster import serve
 from tests.test_distributed import upload
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.cli import main
+from tasks.cli.main import main
 from tests.conftest import LAYOUTS
 
 LEGACY_TP2 = LAYOUTS[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import struct
 
-from tasks.cli import main
+from tasks.cli.main import main
 from tests.conftest import LAYOUTS
 
 

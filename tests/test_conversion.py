@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from tasks.executors.local import run_conversion
-from tasks.jobs import ConvertSpec
+from tasks.kinds.megatron_trtllm import ConvertSpec
 from tests.conftest import LAYOUTS, read_json
 from tests.trtllm_reference import reference_logits
 
@@ -199,7 +199,7 @@ def test_every_source_layout_gives_identical_bytes(megatron, tmp_path, layout):
 
 def test_resume_reuses_ranks_committed_by_a_killed_run(megatron, tmp_path):
     """Ranks finished before a hard kill are reused; what a killed run of another job left is removed."""
-    from tasks import steps
+    from tasks.kinds import megatron_trtllm as steps
 
     source = megatron("llama").paths[LAYOUTS[1]]
     output = tmp_path / "out"
@@ -208,10 +208,10 @@ def test_resume_reuses_ranks_committed_by_a_killed_run(megatron, tmp_path):
     inode = (output / "rank0.safetensors").stat().st_ino
     other = ConvertSpec(str(source), str(output), tp=2, dtype="bfloat16")  # another job, killed
     steps.convert_rank_step(other, steps.inspect_source(other)["tag"], 1)
-    summary = run_conversion(spec, workers=1)
-    assert summary.ranks[0]["reused"] and summary.ranks[0]["sha256"] == first["sha256"]
+    ranks = run_conversion(spec, workers=1).fanned("reshard")
+    assert ranks[0]["reused"] and ranks[0]["sha256"] == first["sha256"]
     assert (output / "rank0.safetensors").stat().st_ino == inode  # not converted again
-    assert not summary.ranks[1]["reused"] and summary.ranks[1]["bytes_read"] > 0
+    assert not ranks[1]["reused"] and ranks[1]["bytes_read"] > 0
     assert sorted(p.name for p in output.iterdir()) == [
         "config.json",
         "manifest.json",

@@ -419,7 +419,7 @@ def test_workers_get_a_warm_shutdown_long_enough_for_a_rank():
     ],
 )
 def test_porter_containers_run_commands_the_porter_cli_accepts(name, first):
-    from tasks.cli import _build_parser
+    from tasks.cli.main import build_parser as _build_parser
 
     container = _container(_one("Deployment", name))
     # The image's entrypoint is `tini -- porter` (deploy/Dockerfile): only the arguments are given.

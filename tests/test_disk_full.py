@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.megatron_example import Layout
-from tasks.records import JobRecords
-from tasks.store import open_store
+from converters.megatron.example import Layout
+from tasks.jobs.records import JobRecords
+from tasks.storage.store import open_store
 from tests.cluster import PORTER, Cluster, worker_env
 from tests.test_distributed import wait_state
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from converters.megatron.example import Layout
 from tasks.executors.local import run_conversion
-from tasks.jobs import ConvertSpec
-from tasks.megatron_example import Layout
-from tasks.records import JobRecords
-from tasks.store import open_store
+from tasks.jobs.records import JobRecords
+from tasks.kinds.megatron_trtllm import ConvertSpec
+from tasks.storage.store import open_store
 
 LEGACY_TP2 = Layout("legacy", 2, 1)
 
@@ -257,7 +257,7 @@ def test_engines_are_built_per_rank_on_the_gpu_queue(cluster, s3_env, megatron, 
 
 def test_porter_convert_runs_the_same_steps_on_s3(s3_env, megatron, tmp_path, capsys):
     """The local executor takes s3:// in and out too (no servers), with the same bytes."""
-    from tasks.cli import main
+    from tasks.cli.main import main
 
     source = megatron("llama").paths[LEGACY_TP2]
     upload(source, f"s3://{s3_env}/ckpt")

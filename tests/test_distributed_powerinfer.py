@@ -13,9 +13,9 @@ import torch
 from converters.errors import ConversionError
 from converters.powerinfer.gpuindex import read_gpu_index
 from converters.powerinfer.solver import solve
-from tasks.cli import main
-from tasks.records import JobRecords
-from tasks.store import open_store
+from tasks.cli.main import main
+from tasks.jobs.records import JobRecords
+from tasks.storage.store import open_store
 from tests.test_distributed import download, upload, wait_state
 from tests.test_powerinfer_cli import LAYERS, N_FF, write_activations  # 12 layers: > 10
 
@@ -125,8 +125,8 @@ def test_missing_layer_is_refused_at_submit(cluster, s3_env, activations):
     ],
 )
 def test_malformed_index_specs_are_refused_clearly(data, message):
-    from tasks.jobs import InvalidSpec
-    from tasks.powerinfer_index import IndexSpec
+    from tasks.jobs.checks import InvalidSpec
+    from tasks.kinds.powerinfer_index import IndexSpec
 
     with pytest.raises(InvalidSpec, match=re.escape(message)):
         IndexSpec.from_dict(data)
@@ -135,8 +135,8 @@ def test_malformed_index_specs_are_refused_clearly(data, message):
 def test_an_absurdly_large_activation_object_is_refused_before_download(
     s3_env, tmp_path, monkeypatch
 ):
-    from tasks import powerinfer_steps
-    from tasks.powerinfer_index import IndexBudget, IndexSpec
+    from tasks.kinds import powerinfer_index as powerinfer_steps
+    from tasks.kinds.powerinfer_index import IndexBudget, IndexSpec
 
     big = tmp_path / "activation_0.pt"
     big.write_bytes(b"\0" * 4096)

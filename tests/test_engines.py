@@ -18,9 +18,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from converters.errors import ConversionError
-from tasks import engines
-from tasks.engines import build_engine_step, engine_builder_problem, option_args
-from tasks.store import ArtifactStore, open_store
+from tasks.kinds import trtllm_engines as engines
+from tasks.kinds.trtllm_engines import build_engine_step, engine_builder_problem, option_args
+from tasks.storage.store import ArtifactStore, open_store
 
 FAKE = Path(__file__).with_name("fake_trtllm_build.py")
 WORLD = 2
@@ -257,11 +257,11 @@ tensorrt_llm_missing = pytest.mark.skipif(
 @tensorrt_llm_missing
 def test_default_builder_without_tensorrt_llm(local_out, monkeypatch):
     monkeypatch.delenv("PORTER_TRTLLM_BUILD", raising=False)
-    assert engines.builder_command() == [sys.executable, "-m", "tasks.engines"]
+    assert engines.builder_command() == [sys.executable, "-m", "tasks.kinds.trtllm_engines"]
     assert "TensorRT-LLM is not installed" in engine_builder_problem()
     with pytest.raises(ConversionError, match="TensorRT-LLM is not installed") as err:
         build_engine_step(local_out, "job1", 0, WORLD, tag="t")
-    assert "-m tasks.engines" in str(err.value)
+    assert "-m tasks.kinds.trtllm_engines" in str(err.value)
 
 
 def test_default_builder_needs_a_rank():

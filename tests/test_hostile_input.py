@@ -28,14 +28,15 @@ import torch
 
 from converters.errors import ConversionError, NonFiniteWeights
 from converters.megatron.dist import read_dist_metadata
+from converters.megatron.example import Layout
 from converters.powerinfer.errors import CorruptGpuIndex
 from converters.powerinfer.gpuindex import read_gpu_index
-from tasks.cli import main
+from tasks.cli.main import main
 from tasks.executors.local import run_conversion
-from tasks.jobs import ConvertSpec, InvalidSpec
-from tasks.megatron_example import Layout
-from tasks.records import JobRecords
-from tasks.store import open_store
+from tasks.jobs.checks import InvalidSpec
+from tasks.jobs.records import JobRecords
+from tasks.kinds.megatron_trtllm import ConvertSpec
+from tasks.storage.store import open_store
 from tests.test_distributed import upload, wait_state
 
 LEGACY_TP2 = Layout("legacy", 2, 1)
@@ -443,7 +444,7 @@ def _poison(legacy: Path) -> None:
 def test_nan_weights_are_reported_by_default(legacy, tmp_path):
     _poison(legacy)
     summary = run_conversion(ConvertSpec(str(legacy), str(tmp_path / "out"), tp=2), workers=1)
-    reports = {r["rank"]: r["nonfinite"] for r in summary.ranks}
+    reports = {r["rank"]: r["nonfinite"] for r in summary.fanned("reshard")}
     assert reports[0] == []  # rank 0's half of the columns comes from mp_rank_00
     [found] = reports[1]
     assert found["tensor"] == "transformer.layers.1.attention.dense.weight"

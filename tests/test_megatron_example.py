@@ -1,4 +1,4 @@
-"""Real Megatron checkpoints written by tasks.megatron_example (needs megatron-core)."""
+"""Real Megatron checkpoints written by converters.megatron.example (needs megatron-core)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from tasks.megatron_example import (
+from converters.megatron.example import (
     FAMILIES,
     ExampleCheckpoints,
     Layout,

@@ -11,9 +11,9 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tasks import metrics, metrics_collector
-from tasks.megatron_example import Layout
-from tasks.records import JobRecords
+from converters.megatron.example import Layout
+from tasks.jobs.records import JobRecords
+from tasks.ops import metrics, metrics_collector
 from tests.cluster import free_port, serve
 from tests.test_distributed import _break_shard, submit, upload, wait_state
 
@@ -95,7 +95,7 @@ def test_metrics_move_as_a_job_runs(cluster, scrape, s3_env, megatron):
     assert moved("porter_bytes_written_total", after, step="reshard") == rank_bytes
     config_bytes = steps["config"]["bytes_written"]
     assert moved("porter_bytes_written_total", after) == rank_bytes + config_bytes
-    from tasks.store import open_store
+    from tasks.storage.store import open_store
 
     manifest = open_store(f"s3://{s3_env}/out").get_json("manifest.json")
     assert sum(f["bytes"] for f in manifest["files"]) == rank_bytes + config_bytes

@@ -11,8 +11,8 @@ import time
 import psutil
 import redis
 
-from tasks import pool_watchdog
-from tasks.pool_watchdog import POOL_LOGGER, UP_TIMEOUT_MESSAGE, PoolWatchdog
+from tasks.ops import pool_watchdog
+from tasks.ops.pool_watchdog import POOL_LOGGER, UP_TIMEOUT_MESSAGE, PoolWatchdog
 
 
 def test_the_watched_message_is_the_one_celery_logs():
@@ -50,7 +50,7 @@ def test_stops_after_the_limit_within_the_window_only():
 WEDGED_WORKER = """
 import signal
 from config.celery_app import app
-from tasks import pool_watchdog
+from tasks.ops import pool_watchdog
 if {hang}:  # a cold shutdown that never ends: SIGQUIT stays pending in every thread
     signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGQUIT}})
     pool_watchdog.GRACE = 3

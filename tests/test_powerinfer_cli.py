@@ -11,7 +11,7 @@ import torch
 
 from converters.powerinfer.gpuindex import read_gpu_index
 from converters.powerinfer.solver import solve
-from tasks.cli import main
+from tasks.cli.main import main
 
 LAYERS, N_FF = 12, 1024
 

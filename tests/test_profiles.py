@@ -9,11 +9,12 @@ import time
 import pytest
 
 from config.settings import Settings
-from tasks.batch import read_batch
-from tasks.jobs import ConvertSpec, InvalidSpec
-from tasks.powerinfer_index import IndexSpec
-from tasks.profiles import ProfileError, check_iteration, load_profiles
-from tasks.signing import BadSignature, sign, verify
+from tasks.jobs.batch import read_batch
+from tasks.jobs.checks import InvalidSpec
+from tasks.kinds.megatron_trtllm import ConvertSpec
+from tasks.kinds.powerinfer_index import IndexSpec
+from tasks.triggers.profiles import ProfileError, check_iteration, load_profiles
+from tasks.triggers.signing import BadSignature, sign, verify
 
 TOML = """
 timeout_note = "settings and profiles share the file"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from tasks.records import JobRecords
+from tasks.jobs.records import JobRecords
 
 
 def records(redis_url: str) -> JobRecords:
@@ -65,7 +65,7 @@ def test_index_forgets_expired_jobs(redis_url):
 
 
 def test_a_finished_fan_out_without_its_chord_body_is_found(redis_url):
-    from tasks.reaper import stalled_chords
+    from tasks.ops.reaper import stalled_chords
 
     rec, job = records(redis_url), new_job()
     rec.create(job, "megatron-trtllm", {})

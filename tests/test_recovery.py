@@ -16,11 +16,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from tasks import steps
-from tasks.jobs import ConvertSpec
-from tasks.megatron_example import Layout
-from tasks.records import JobRecords
-from tasks.store import open_store
+from converters.megatron.example import Layout
+from tasks.jobs.records import JobRecords
+from tasks.kinds import megatron_trtllm as steps
+from tasks.kinds.megatron_trtllm import ConvertSpec
+from tasks.storage.store import open_store
 from tests.test_distributed import download, reference, submit, upload, wait_state
 
 LEGACY_TP2 = Layout("legacy", 2, 1)
@@ -162,7 +162,7 @@ def test_duplicate_deliveries_of_a_rank_commit_one_output_with_the_same_bytes(
 
 def test_fifty_jobs_at_once_all_complete_once(cluster, megatron, tmp_path, monkeypatch):
     from config.celery_app import app
-    from tasks import service
+    from tasks.jobs import service
 
     # This process imported the app before the cluster existed: point it at the cluster.
     monkeypatch.setattr(app.conf, "broker_url", cluster.redis_url)

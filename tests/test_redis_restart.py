@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tasks.records import JobRecords
+from tasks.jobs.records import JobRecords
 from tests.cluster import Cluster, free_port, worker_env
 from tests.test_distributed import download, reference, submit, upload, wait_state
 from tests.test_recovery import LEGACY_TP2
@@ -30,7 +30,7 @@ from tests.test_recovery import LEGACY_TP2
 SLOW_WORKER = """
 import sys, time
 import tasks.executors.celery as executor
-from tasks.cli import main
+from tasks.cli.main import main
 
 pause, real = float(sys.argv[1]), executor._progress
 

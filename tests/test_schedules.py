@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import redis
 
-from tasks import schedules
-from tasks.megatron_example import Layout
-from tasks.records import JobRecords
+from converters.megatron.example import Layout
+from tasks.jobs.records import JobRecords
+from tasks.triggers import schedules
 from tests.cluster import PORTER, Cluster, start_redis, wait_until, worker_env
 
 LEGACY_TP1 = Layout("legacy", 1, 1)

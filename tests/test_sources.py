@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from converters.errors import ConversionError, CorruptCheckpoint, NotAMegatronCheckpoint
+from converters.megatron.example import Layout
 from converters.megatron.layout import open_checkpoint
 from converters.megatron.legacy import zip_records
 from converters.trtllm.convert import convert_rank
 from converters.trtllm.plan import Target, estimate_rank
-from tasks import sources
-from tasks.megatron_example import Layout
+from tasks.storage import sources
 
 LEGACY_TP2 = Layout("legacy", 2, 1)
 LEGACY_PP2 = Layout("legacy", 1, 2)
@@ -394,7 +394,7 @@ import hashlib, sys
 from pathlib import Path
 from converters.trtllm.convert import convert_rank
 from converters.trtllm.plan import Target
-from tasks import sources
+from tasks.storage import sources
 uri, cache, out, tp = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 for rank in map(int, sys.argv[5:]):
     source, _ = sources.open_source_for_rank(uri, Target(tp), rank, cache, coalesce_gap=0)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.store import (
+from tasks.storage.store import (
     ArtifactError,
     CachedFetcher,
     CorruptArtifact,

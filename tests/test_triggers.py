@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from tasks.megatron_example import Layout
-from tasks.signing import HEADER, sign, verify
+from converters.megatron.example import Layout
+from tasks.triggers.signing import HEADER, sign, verify
 from tests.cluster import NOTIFY_SECRET, PORTER, serve
 from tests.test_distributed import upload
 
@@ -381,7 +381,7 @@ def test_batch_with_an_invalid_entry_submits_nothing(cluster, s3_env, megatron, 
 
 
 def test_notification_retries_then_delivers(receiver):
-    from tasks.notify import NotifyFailed, deliver
+    from tasks.triggers.notify import NotifyFailed, deliver
 
     receiver.fail_first = 2
     payload = {"job": "j", "state": "FAILED", "error": "boom"}

@@ -1,4 +1,4 @@
-"""The distributed executor: Celery tasks that run the steps of `tasks.steps` on shared workers.
+"""The distributed executor: Celery tasks that run the steps of `tasks.kinds.megatron_trtllm` on shared workers.
 
 Canvas of a Megatron → TensorRT-LLM job (built by `plan`, which returns without waiting):
 
@@ -29,14 +29,16 @@ from celery import chord, current_task
 from celery.exceptions import Ignore, Reject
 from celery.signals import worker_init, worker_ready
 
-from config.celery_app import GPU_QUEUE, app
+from config.celery_app import app
+from config.queues import CPU_QUEUE
 from config.settings import Settings
-from converters.trtllm.convert import Progress
-from tasks import metrics, steps
 from tasks.executors.celery_notify import send_notifications
-from tasks.jobs import ConvertSpec, output_tag, task_id
-from tasks.records import CANCELLED, FAILED, RUNNING, SUCCEEDED, TERMINAL, JobRecords
-from tasks.store import open_store
+from tasks.jobs.ids import output_tag, task_id
+from tasks.jobs.outputs import manifest_uri, prepare_output, publish_step, remove_outputs
+from tasks.jobs.records import CANCELLED, FAILED, RUNNING, SUCCEEDED, TERMINAL, JobRecords
+from tasks.kinds import all_kinds, kind_named
+from tasks.kinds.base import JobKind, Phase, Progress, StepContext
+from tasks.ops import metrics
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,8 @@ def records() -> JobRecords:
     return JobRecords(settings().redis_url, ttl=settings().record_ttl)
 
 
-def _spec(record: dict[str, Any]) -> ConvertSpec:
-    return ConvertSpec.from_dict(record["spec"])
+def _spec(record: dict[str, Any]) -> Any:
+    return kind_named(record["kind"]).parse(record["spec"])
 
 
 def _message(exc: BaseException) -> str:
@@ -145,7 +147,7 @@ def run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[st
             log.exception("%s: could not record the failure of %s: %s", job, step, message)
         raise
     if rec.state(job) == CANCELLED:  # cancelled while this step ran: leave nothing behind
-        steps.remove_outputs(_spec(rec.get(job, steps=False)), job)
+        remove_outputs(_spec(rec.get(job, steps=False)), job)
         raise Ignore()
     return result
 
@@ -167,10 +169,6 @@ def _progress(job: str, step: str) -> Progress:
     return report
 
 
-def _inspected(record: dict[str, Any]) -> dict[str, Any]:
-    return record["inspected"]
-
-
 def job_record(job: str) -> dict[str, Any]:
     """The job's record (without steps); a task of a job that no longer exists is dropped."""
     record = records().get(job, steps=False)
@@ -179,131 +177,106 @@ def job_record(job: str) -> dict[str, Any]:
     return record
 
 
-def inspect_step(
-    job: str, parse_spec: Callable[[], Any], inspect: Callable[[Any], dict[str, Any]]
-) -> dict[str, Any]:
-    """Run the job's `inspect` step: check the spec (a record written by anything with access to
-    Redis may hold a bad one), inspect the source, check OUTPUT, keep the result in the record.
-    The source may have changed since submission (e.g. fixed before a retry): the job keeps its
-    id, and its artifacts are tagged with the version actually read."""
+def _context(job: str, record: dict[str, Any], progress: Progress | None = None) -> StepContext:
+    """A step's view of its job, backed by the job record in Redis."""
+    return StepContext(
+        job=job,
+        spec=_spec(record),
+        record=record,
+        results=lambda: dict(records().steps(job)),
+        remember_fields=lambda **fields: records().update(job, **fields),
+        progress=progress,
+    )
+
+
+def fan_out(job: str, attempt: int, phase: Phase, count: int) -> None:
+    """Launch chord(`phase.task`(job, i) for i < count) → `phase.body_task`(job), with
+    deterministic task ids."""
+    header = [
+        app.signature(phase.task, args=(job, i), immutable=True, queue=phase.queue).set(
+            task_id=task_id(job, f"{phase.step}:{i}", attempt)
+        )
+        for i in range(count)
+    ]
+    body = app.signature(phase.body_task, args=(job,), immutable=True, queue=CPU_QUEUE)
+    chord(header, body.set(task_id=task_id(job, phase.body_id, attempt))).apply_async()
+
+
+def _launch(job: str, record: dict[str, Any], kind: JobKind, after: Phase | None) -> dict | None:
+    """Start the first enabled phase after `after` (all of them: None); publish when none is left.
+    Returns the publish result when this call published."""
+    spec = _spec(record)
+    phases = kind.active_phases(spec)
+    following = phases if after is None else phases[phases.index(after) + 1 :]
+    if not following:
+        return publish_job(job, kind)
+    phase = following[0]
+    fan_out(job, int(record["attempt"]), phase, phase.size(record["inspected"]))
+    return None
+
+
+@app.task(name="porter.plan")
+def plan(job: str) -> dict[str, Any]:
+    """Inspect the source (metadata only), check OUTPUT, and launch the job's first phase."""
+    record = job_record(job)
+    if record["state"] not in TERMINAL:
+        records().start(job)
+    kind = kind_named(record["kind"])
 
     def work() -> dict[str, Any]:
-        spec = parse_spec()
-        inspected = inspect(spec)
+        # The spec is checked again (a record written by anything with access to Redis may hold
+        # a bad one). The source may have changed since submission (e.g. fixed before a retry):
+        # the job keeps its id, and its artifacts are tagged with the version actually read.
+        spec = _spec(record)
+        inspected = kind.inspect(spec)
         inspected["job_id"], inspected["tag"] = job, output_tag(job, inspected["source_digest"])
-        manifest = steps.prepare_output(spec, job)
+        manifest = prepare_output(spec, job)
         records().update(job, inspected=inspected, source_digest=inspected["source_digest"])
-        return {"committed": manifest is not None, "manifest_uri": _manifest_uri(spec)}
+        return {"committed": manifest is not None, "manifest_uri": manifest_uri(spec)}
 
     result = run_step(job, "inspect", work)
     if result["committed"]:  # converted before (same id): nothing to do
         records().update(job, manifest_uri=result["manifest_uri"])
         if records().finish(job, SUCCEEDED):
             job_ended(job, SUCCEEDED)
+        return result
+    _launch(job, job_record(job), kind, None)
     return result
 
 
-def fan_out(
-    job: str, attempt: int, task: Any, name: str, count: int, body: Any, body_name: str,
-    queue: str | None = None,
-) -> None:  # fmt: skip
-    """Launch chord(`task`(job, i) for i < count) → `body`(job), with deterministic task ids."""
-    options = {"queue": queue} if queue else {}
-    header = [
-        task.si(job, i).set(task_id=task_id(job, f"{name}:{i}", attempt), **options)
-        for i in range(count)
-    ]
-    chord(header, body.si(job).set(task_id=task_id(job, body_name, attempt))).apply_async()
-
-
-@app.task(name="porter.plan")
-def plan(job: str) -> dict[str, Any]:
-    """Inspect the source (metadata only), check OUTPUT, and launch the job's canvas (a PowerInfer
-    index job: `celery_powerinfer.plan_index`)."""
+def _fan_out_step(kind: JobKind, phase: Phase, job: str, index: int) -> dict[str, Any]:
+    """Run fan-out step `index` of `phase`."""
     record = job_record(job)
-    attempt = int(record["attempt"])
-    if record["state"] not in TERMINAL:
-        records().start(job)
-    if record["kind"] == "powerinfer-index":
-        from tasks.executors.celery_powerinfer import plan_index
-
-        return plan_index(job, attempt)
-    result = inspect_step(job, functools.partial(_spec, record), steps.inspect_source)
-    if not result["committed"]:
-        ranks = len(job_record(job)["inspected"]["ranks"])
-        fan_out(job, attempt, reshard, "reshard", ranks, assemble, "assemble")
-    return result
-
-
-@app.task(name="porter.reshard")
-def reshard(job: str, rank: int) -> dict[str, Any]:
-    """Write target rank `rank` to OUTPUT."""
-    record = job_record(job)
-    step = f"reshard:{rank}"
-    tag = _inspected(record)["tag"]
+    step = f"{phase.step}:{index}"
     return run_step(
-        job,
-        step,
-        lambda: steps.convert_rank_step(_spec(record), tag, rank, _progress(job, step)),
+        job, step, lambda: phase.run(_context(job, record, _progress(job, step)), index)
     )
 
 
-@app.task(name="porter.assemble")
-def assemble(job: str) -> dict[str, Any]:
-    """Write config.json, then build engines (gpu queue) or publish."""
+def _body(kind: JobKind, phase: Phase, job: str) -> dict[str, Any] | None:
+    """The chord body after `phase`'s fan-out: its `then` step, then the next phase or publish."""
     record = job_record(job)
-    spec, inspected = _spec(record), _inspected(record)
-    result = run_step(
-        job, "config", lambda: steps.write_config_step(spec, inspected["tag"], inspected)
-    )
-    if not spec.engines:
-        return publish(job)
-    ranks = len(inspected["ranks"])
-    fan_out(job, record["attempt"], build_engine, "engine", ranks, publish, "publish", GPU_QUEUE)
-    return result
+    result = None
+    if phase.then is not None:
+        then = phase.then
+        result = run_step(job, then.name, lambda: then.run(_context(job, record)))
+        record = job_record(job)  # with what the step remembered
+    published = _launch(job, record, kind, phase)
+    return published if published is not None else result
 
 
-@app.task(name="porter.build_engine")
-def build_engine(job: str, rank: int) -> dict[str, Any]:
-    """Build the TensorRT-LLM engine of one rank (only on workers with TensorRT-LLM and a GPU)."""
-    from tasks.engines import build_engine_step
-
+def publish_job(job: str, kind: JobKind) -> dict[str, Any]:
+    """The `publish` step: check every file, write manifest.json last, run the kind's
+    `after_publish` (cleanup of intermediates), and mark the job SUCCEEDED."""
     record = job_record(job)
-    spec, inspected = _spec(record), _inspected(record)
-    world = len(inspected["ranks"])
-    return run_step(
-        job,
-        f"engine:{rank}",
-        lambda: build_engine_step(spec.output, job, rank, world, inspected["tag"]),
-    )
-
-
-def _manifest_uri(spec: Any) -> str:
-    return open_store(spec.output).uri(steps.MANIFEST)
-
-
-def _published_files(job: str, world: int, engines: bool) -> list[dict[str, Any]]:
-    """The files to list in the manifest, from the step records (ranks, config, engines)."""
-    by_step = dict(records().steps(job))
-    files = [by_step[f"reshard:{r}"] for r in range(world)] + [by_step["config"]]
-    if engines:
-        for r in range(world):
-            files.extend(by_step[f"engine:{r}"]["files"])
-    return files
-
-
-def commit_job(
-    job: str, spec: Any, tag: str, source: dict[str, Any], files: Callable[[], list[dict]],
-    after: Callable[[], None] | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """The `publish` step: check `files()`, write manifest.json last, run `after` (cleanup of
-    intermediates), and mark the job SUCCEEDED."""
+    ctx = _context(job, record)
 
     def commit() -> dict[str, Any]:
-        manifest = steps.publish_step(spec, job, tag, source, files())
-        if after:
-            after()
-        return {"files": len(manifest["files"]), "manifest_uri": _manifest_uri(spec)}
+        summary = kind.source_summary(ctx.inspected)
+        manifest = publish_step(ctx.spec, job, ctx.tag, summary, kind.published(ctx))
+        if kind.after_publish:
+            kind.after_publish(ctx)
+        return {"files": len(manifest["files"]), "manifest_uri": manifest_uri(ctx.spec)}
 
     result = run_step(job, "publish", commit)
     records().update(job, manifest_uri=result["manifest_uri"])
@@ -312,24 +285,30 @@ def commit_job(
     return result
 
 
-@app.task(name="porter.publish")
-def publish(job: str) -> dict[str, Any]:
-    """Commit the job: check every file, write manifest.json last, mark the job SUCCEEDED."""
-    record = job_record(job)
-    spec, inspected = _spec(record), _inspected(record)
-    return commit_job(
-        job,
-        spec,
-        inspected["tag"],
-        steps.source_summary(inspected),
-        lambda: _published_files(job, len(inspected["ranks"]), spec.engines),
-    )
+def _register(kind: JobKind, phase: Phase) -> None:
+    """Register the Celery tasks of one phase under the names the kind declares."""
+
+    def fan_out_step(job: str, index: int) -> dict[str, Any]:
+        return _fan_out_step(kind, phase, job, index)
+
+    def body(job: str) -> dict[str, Any] | None:
+        return _body(kind, phase, job)
+
+    fan_out_step.__doc__ = f"{kind.name}: fan-out step `{phase.step}:i` of a job."
+    body.__doc__ = f"{kind.name}: after the `{phase.step}` fan-out, {phase.body_id}."
+    app.task(name=phase.task)(fan_out_step)
+    app.task(name=phase.body_task)(body)
+
+
+for _kind in all_kinds().values():
+    for _phase in _kind.phases:
+        _register(_kind, _phase)
 
 
 @worker_init.connect
 def _watch_pool(**_: Any) -> None:
-    """A worker whose prefork pool wedges stops, to be restarted (`tasks.pool_watchdog`)."""
-    from tasks import pool_watchdog
+    """A worker whose prefork pool wedges stops, to be restarted (`tasks.ops.pool_watchdog`)."""
+    from tasks.ops import pool_watchdog
 
     pool_watchdog.install()
 
@@ -337,6 +316,6 @@ def _watch_pool(**_: Any) -> None:
 @worker_ready.connect
 def _start_reaper(sender: Any = None, **_: Any) -> None:
     """Every worker runs a reaper thread in its main process (one pass at a time cluster-wide)."""
-    from tasks.reaper import Reaper
+    from tasks.ops.reaper import Reaper
 
     Reaper(sender.app if sender is not None else app, settings()).start()

@@ -1,4 +1,4 @@
-"""The `porter.notify` task: deliver a finished job's notifications (see `tasks.notify`)."""
+"""The `porter.notify` task: deliver a finished job's notifications (see `tasks.triggers.notify`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 
 from config.celery_app import CPU_QUEUE, app
 from config.settings import Settings
-from tasks import service
-from tasks.jobs import task_id
-from tasks.notify import NotifyFailed, deliver, summary
-from tasks.records import FAILED, SUCCEEDED
+from tasks.jobs import service
+from tasks.jobs.ids import task_id
+from tasks.jobs.records import FAILED, SUCCEEDED
+from tasks.triggers.notify import NotifyFailed, deliver, summary
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
-"""The embedded executor: runs a conversion's steps on this machine, ranks in parallel processes (or in this
-process, one after another, with a single worker).
+"""The embedded executor: runs a job of any registered kind on this machine, with no servers.
 
-No servers: inspect → convert ranks (process pool, one rank per task) → config → publish, the same
-steps the Celery tasks run. Rank processes report progress through a queue; the parent draws one
-progress bar over bytes written. Nothing is published unless every rank succeeded; on failure the
-job's files are removed from OUTPUT.
+inspect → each phase: its fan-out steps (in parallel processes where the kind gives their cost,
+else one after another in this process), then its `then` step → publish: the same step functions
+the Celery tasks run. Fan-out processes report progress through a queue; the caller gets one
+(done, total) stream, in the kind's unit. Nothing is published unless every step succeeded; on
+failure the job's files are removed from OUTPUT.
 """
 
 from __future__ import annotations
@@ -26,11 +26,13 @@ import psutil
 
 from config.settings import Settings
 from converters.errors import ConversionError
-from tasks import steps
-from tasks.jobs import ConvertSpec
+from tasks.jobs.outputs import prepare_output, publish_step, remove_outputs
+from tasks.kinds import KIND_MODULES, kind_named, kind_of
+from tasks.kinds.base import JobKind, Phase, StepContext
 
 log = logging.getLogger(__name__)
 _progress_queue: Any = None
+OnProgress = Callable[[int, int], None]
 
 
 def _init_worker(progress_queue: Any, threads: int) -> None:
@@ -41,16 +43,24 @@ def _init_worker(progress_queue: Any, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_rank(spec_dict: dict, tag: str, rank: int) -> dict[str, Any]:
-    def report(done: int, total: int) -> None:
-        _progress_queue.put((rank, done, total))
+def _run_in_worker(
+    kind_name: str, spec_dict: dict, record: dict, phase_index: int, index: int
+) -> dict[str, Any]:
+    """One fan-out step in a pool process (arguments are plain JSON-like values)."""
+    kind = kind_named(kind_name)
+    phase = kind.phases[phase_index]
+    step = f"{phase.step}:{index}"
 
-    return steps.convert_rank_step(ConvertSpec.from_dict(spec_dict), tag, rank, report)
+    def report(done: int, total: int) -> None:
+        _progress_queue.put((step, done, total))
+
+    ctx = StepContext(record["job"], kind.parse(spec_dict), record, lambda: {}, progress=report)
+    return phase.run(ctx, index)
 
 
 @dataclass
 class Summary:
-    """What a finished conversion did: for the closing summary and the API."""
+    """What a finished job did: for the closing summary and the API."""
 
     job_id: str
     output: str
@@ -58,88 +68,116 @@ class Summary:
     seconds: float
     bytes_read: int
     bytes_written: int
-    ranks: list[dict[str, Any]] = field(default_factory=list)
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # by step name
     already_done: bool = False
 
+    def fanned(self, step: str) -> list[dict[str, Any]]:
+        """The results of the fan-out steps `{step}:i`, in order of i."""
+        found = [(name, r) for name, r in self.results.items() if name.startswith(f"{step}:")]
+        return [r for _, r in sorted(found, key=lambda item: int(item[0].split(":")[1]))]
 
-def choose_workers(inspected: dict, requested: int | None, settings: Settings) -> int:
-    """`requested`, or as many rank processes as the cores and the available RAM allow, and no more
-    than the output size justifies (small conversions run in this process)."""
-    ranks = len(inspected["ranks"])
+
+def choose_workers(costs: list[tuple[int, int]], requested: int | None, settings: Settings) -> int:
+    """`requested`, or as many processes as the cores and the available RAM allow for steps of
+    these (peak bytes, bytes written), and no more than the output size justifies (small jobs
+    run in this process)."""
     if requested is not None:
         if requested < 1:
             raise ConversionError(f"--workers must be at least 1 (got {requested})")
-        return min(requested, ranks)
-    per_rank = max(r["peak_bytes"] for r in inspected["ranks"]) + settings.process_overhead_bytes
-    by_memory = int(psutil.virtual_memory().available * settings.memory_fraction) // per_rank
-    by_size = sum(r["bytes_written"] for r in inspected["ranks"]) // settings.bytes_per_worker
-    return max(1, min(ranks, os.cpu_count() or 1, by_memory, by_size))
+        return max(1, min(requested, len(costs)))
+    if not costs:
+        return 1
+    per_step = max(peak for peak, _ in costs) + settings.process_overhead_bytes
+    by_memory = int(psutil.virtual_memory().available * settings.memory_fraction) // per_step
+    by_size = sum(written for _, written in costs) // settings.bytes_per_worker
+    return max(1, min(len(costs), os.cpu_count() or 1, by_memory, by_size))
 
 
-class _ProgressDrain(threading.Thread):
-    """Moves per-rank progress from the queue to a callback (bytes written, total bytes)."""
+class _Run:
+    """One job's local run: its record (plan, remembered fields, step states) and progress."""
 
-    def __init__(
-        self, progress_queue: Any, total: int, on_progress: Callable[[int, int], None]
-    ) -> None:
-        super().__init__(daemon=True)
-        self.queue, self.total, self.on_progress = progress_queue, total, on_progress
-        self.done_by_rank: dict[int, int] = {}
-        self.stopping = threading.Event()
+    def __init__(self, kind: JobKind, spec: Any, inspected: dict, on_progress: OnProgress | None):
+        self.kind, self.spec = kind, spec
+        self.record: dict[str, Any] = {"job": inspected["job_id"], "inspected": inspected}
+        self.steps: dict[str, dict[str, Any]] = {}
+        self.results: dict[str, dict[str, Any]] = {}
+        self.on_progress = on_progress
+        self.lock = threading.Lock()
 
-    def run(self) -> None:
-        while not (self.stopping.is_set() and self.queue.empty()):
-            try:
-                rank, done, _ = self.queue.get(timeout=0.1)
-            except queue_module.Empty:
-                continue
-            self.done_by_rank[rank] = done
-            self.on_progress(sum(self.done_by_rank.values()), self.total)
+    def context(self, progress: Callable[[int, int], None] | None = None) -> StepContext:
+        job = self.record["job"]
+        return StepContext(job, self.spec, self.record, lambda: self.results, progress=progress)
+
+    def report(self, step: str, done: int | None = None, result: dict | None = None) -> None:
+        with self.lock:
+            entry = self.steps.setdefault(step, {})
+            if done is not None:
+                entry["done"] = done
+            if result is not None:
+                entry["state"] = "SUCCEEDED"
+                self.results[step] = result
+            if self.on_progress:
+                record = {**self.record, "steps": self.steps}
+                self.on_progress(*self.kind.progress(record))
+
+    def run_step(self, step: str, work: Callable[[StepContext], dict[str, Any]]) -> None:
+        ctx = self.context(lambda done, _total: self.report(step, done))
+        self.report(step, result=work(ctx))
 
 
 def run_conversion(
-    spec: ConvertSpec,
+    spec: Any,
     workers: int | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: OnProgress | None = None,
     settings: Settings | None = None,
 ) -> Summary:
-    """Convert `spec` on this machine; returns the summary or raises, leaving nothing published."""
+    """Run the job `spec` on this machine; returns the summary or raises, leaving nothing
+    published."""
     settings = settings or Settings.from_env()
     started = time.perf_counter()
-    inspected = steps.inspect_source(spec)
+    kind = kind_of(spec)
+    inspected = kind.inspect(spec)
     job, tag = inspected["job_id"], inspected["tag"]
     output = Path(spec.output)
     local_output = not spec.output.startswith("s3://")
     if local_output and output.exists() and not output.is_dir():
         raise ConversionError("OUTPUT exists and is not a directory", output)
     created_output = local_output and not output.exists()
-    # A killed run of this very job left its finished ranks in OUTPUT: they are reused.
-    manifest = steps.prepare_output(spec, job)
+    # A killed run of this very job left its finished steps in OUTPUT: they are reused.
+    manifest = prepare_output(spec, job)
     if manifest is not None:
         written = sum(f["bytes"] for f in manifest["files"])
         return Summary(job, spec.output, 0, 0.0, 0, written, already_done=True)
-    count = choose_workers(inspected, workers, settings)
+    run = _Run(kind, spec, inspected, on_progress)
+    used = 1
     try:
-        results = _convert_ranks(spec, tag, inspected, count, on_progress)
-        config = steps.write_config_step(spec, tag, inspected)
-        steps.publish_step(spec, job, tag, steps.source_summary(inspected), [*results, config])
+        for phase in kind.active_phases(spec):
+            used = max(used, _run_phase(run, phase, workers, settings))
+            if phase.then is not None:
+                run.run_step(phase.then.name, phase.then.run)
+        ctx = run.context()
+        summary = kind.source_summary(inspected)
+        publish_step(spec, job, tag, summary, kind.published(ctx))
+        if kind.after_publish:
+            kind.after_publish(ctx)
     except BaseException as failure:
         try:
-            steps.remove_outputs(spec, job)
+            remove_outputs(spec, job)
         except Exception as cleanup:  # e.g. the same S3 outage: the first error is the one to see
             log.warning("could not remove the job's files from %s: %s", spec.output, cleanup)
             failure.add_note(f"its files in {spec.output} could not be removed: {cleanup}")
         if created_output:
             _remove_if_only_porter_files(output)
         raise
+    results = run.results.values()
     return Summary(
         job_id=job,
         output=spec.output,
-        workers=count,
+        workers=used,
         seconds=time.perf_counter() - started,
-        bytes_read=sum(r["bytes_read"] for r in results),
-        bytes_written=sum(r["bytes_written"] for r in results) + config["bytes_written"],
-        ranks=results,
+        bytes_read=sum(int(r.get("bytes_read", 0)) for r in results),
+        bytes_written=sum(int(r.get("bytes_written", 0)) for r in results),
+        results=run.results,
     )
 
 
@@ -149,68 +187,67 @@ def _remove_if_only_porter_files(output: Path) -> None:
         shutil.rmtree(output, ignore_errors=True)
 
 
-def _convert_ranks(
-    spec: ConvertSpec,
-    tag: str,
-    inspected: dict,
-    workers: int,
-    on_progress: Callable[[int, int], None] | None,
-) -> list[dict[str, Any]]:
-    if workers == 1:
-        return _convert_ranks_here(spec, tag, inspected, on_progress)
-    return _convert_ranks_in_pool(spec, tag, inspected, workers, on_progress)
+def _run_phase(run: _Run, phase: Phase, workers: int | None, settings: Settings) -> int:
+    """Run `phase`'s fan-out steps; returns the number of worker processes used (1: this one)."""
+    inspected = run.record["inspected"]
+    count = phase.size(inspected)
+    if phase.cost is None:
+        costs, requested = [], 1
+    else:
+        costs, requested = [phase.cost(inspected, i) for i in range(count)], workers
+    used = choose_workers(costs, requested, settings) if count else 1
+    if used == 1:
+        for index in range(count):
+            run.run_step(f"{phase.step}:{index}", lambda ctx, i=index: phase.run(ctx, i))
+        return 1
+    _run_phase_in_pool(run, phase, count, used)
+    return used
 
 
-def _convert_ranks_here(
-    spec: ConvertSpec, tag: str, inspected: dict, on_progress: Callable[[int, int], None] | None
-) -> list[dict[str, Any]]:
-    """One worker: run the ranks one after another in this process (no start-up cost)."""
-    total = sum(r["bytes_written"] for r in inspected["ranks"])
-    results: list[dict[str, Any]] = []
-    for rank in range(len(inspected["ranks"])):
-        finished = sum(r["bytes_written"] for r in inspected["ranks"][:rank])
-
-        def report(done: int, _: int, finished: int = finished) -> None:
-            if on_progress:
-                on_progress(finished + done, total)
-
-        results.append(steps.convert_rank_step(spec, tag, rank, report))
-    return results
-
-
-def _convert_ranks_in_pool(
-    spec: ConvertSpec,
-    tag: str,
-    inspected: dict,
-    workers: int,
-    on_progress: Callable[[int, int], None] | None,
-) -> list[dict[str, Any]]:
-    """Several workers: one spawned process per worker, each taking ranks from the pool."""
+def _run_phase_in_pool(run: _Run, phase: Phase, count: int, workers: int) -> None:
+    """Several workers: one spawned process per worker, each taking steps from the pool."""
     # A fork server that has imported torch and Porter once: each worker then starts in milliseconds
     # instead of re-importing torch (about a second of CPU each), and without forking this process's
     # threads (the progress drain).
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["tasks.executors.local"])
+    context.set_forkserver_preload(["tasks.executors.local", *KIND_MODULES])
     progress_queue = context.Queue()
-    total = sum(r["bytes_written"] for r in inspected["ranks"])
-    drain = _ProgressDrain(progress_queue, total, on_progress or (lambda done, total: None))
-    drain.start()
+    stopping = threading.Event()
+
+    def drain() -> None:
+        while not (stopping.is_set() and progress_queue.empty()):
+            try:
+                step, done, _ = progress_queue.get(timeout=0.1)
+            except queue_module.Empty:
+                continue
+            run.report(step, done)
+
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
     threads = max(1, (os.cpu_count() or 1) // workers)
     pool = ProcessPoolExecutor(
         workers, mp_context=context, initializer=_init_worker, initargs=(progress_queue, threads)
     )
+    phase_index = run.kind.phases.index(phase)
+    spec_dict = run.spec.to_dict()
     try:
-        futures = [
-            pool.submit(_run_rank, spec.to_dict(), tag, r) for r in range(len(inspected["ranks"]))
-        ]
+        futures = {
+            pool.submit(
+                _run_in_worker, run.kind.name, spec_dict, run.record, phase_index, i
+            ): f"{phase.step}:{i}"
+            for i in range(count)
+        }
         finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f for f in finished if f.exception() is not None]
         if failed:
             for future in futures:
                 future.cancel()
             raise failed[0].exception()
-        return [f.result() for f in futures]
+        stopping.set()
+        drainer.join()
+        for future, step in futures.items():
+            run.report(step, result=future.result())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        drain.stopping.set()
-        drain.join()
+        stopping.set()
+        drainer.join()

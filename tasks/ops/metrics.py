@@ -2,7 +2,7 @@
 
 The API process that serves `/metrics` runs no tasks, so the workers, the CLI and anything else
 that sends tasks count events into Redis (the job records' Redis, keys `porter:metrics:*`), and
-`tasks.metrics_collector.render` turns those counts, plus a few gauges read from Redis at scrape
+`tasks.ops.metrics_collector.render` turns those counts, plus a few gauges read from Redis at scrape
 time, into the Prometheus text format.
 
 Celery task metrics use celery-exporter's names (danihodovic/celery-exporter), from Celery signals

@@ -1,6 +1,6 @@
-"""Render Porter's metrics for `GET /metrics`: what `tasks.metrics` counted in Redis, plus gauges
+"""Render Porter's metrics for `GET /metrics`: what `tasks.ops.metrics` counted in Redis, plus gauges
 read from Redis at scrape time (queue lengths and ages, live workers, jobs by state). Names and
-labels are listed in `tasks.metrics`."""
+labels are listed in `tasks.ops.metrics`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from tasks.metrics import (
+from tasks.ops.metrics import (
     BUCKETS,
     COUNTERS,
     HISTOGRAMS,

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.jobs import ConvertSpec, InvalidSpec
-from tasks.powerinfer_index import IndexSpec
+from tasks.jobs.checks import InvalidSpec
+from tasks.kinds import DEFAULT_KIND, kind_named
 
-JobSpec = ConvertSpec | IndexSpec
-
-KINDS: dict[str, Any] = {
-    "megatron-trtllm": ConvertSpec,
-    "powerinfer-index": IndexSpec,
-}
+JobSpec = Any  # the spec dataclass of a registered job kind (`tasks.kinds`)
 
 
 def parse_spec(data: Any, *, absolute: bool = False) -> JobSpec:
@@ -23,10 +18,7 @@ def parse_spec(data: Any, *, absolute: bool = False) -> JobSpec:
     working directory."""
     if not isinstance(data, dict):
         raise InvalidSpec(f"a job spec must be a JSON object, got {type(data).__name__}")
-    kind = data.get("kind", "megatron-trtllm")
-    if kind not in KINDS:
-        raise InvalidSpec(f"unknown job kind {kind!r:.60}; known: {', '.join(KINDS)}")
-    spec = KINDS[kind].from_dict(data)
+    spec = kind_named(data.get("kind", DEFAULT_KIND)).parse(data)
     if absolute:
         for name in ("source", "activations", "output"):
             value = getattr(spec, name, None)

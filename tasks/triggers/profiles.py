@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import read_config_file
-from tasks.jobs import InvalidSpec, check_location
-from tasks.specs import JobSpec, parse_spec
+from tasks.jobs.checks import InvalidSpec, check_location
+from tasks.jobs.specs import JobSpec, parse_spec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ITERATION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks import service, sources
-from tasks.profiles import Profile, ProfileError, load_profiles
-from tasks.records import JobRecords
+from tasks.jobs import service
+from tasks.jobs.records import JobRecords
+from tasks.storage import sources
+from tasks.triggers.profiles import Profile, ProfileError, load_profiles
 
 
 def profile_named(name: str, profiles: dict[str, Profile] | None = None) -> Profile:

@@ -11,17 +11,15 @@ import datetime
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any
 
 from converters.errors import ConversionError
+from tasks.kinds import kind_named
+from tasks.kinds.base import JobKind
 
 
-def add_commands(
-    commands: Any,
-    add_target_options: Callable[[argparse.ArgumentParser], None],
-    add_index_options: Callable[[argparse.ArgumentParser], None],
-) -> None:
+def add_commands(commands: Any, kinds: Iterable[JobKind]) -> None:
     """Register the queue commands on the `porter` sub-command parser."""
     submit = commands.add_parser("submit", help="queue a conversion for the workers (Redis)")
     submit.add_argument(
@@ -31,22 +29,11 @@ def add_commands(
         help="queue every job spec of a YAML/JSON file (a list, or {jobs: [...]}); all are "
         "checked before any is queued; prints one id per line",
     )
-    kinds = submit.add_subparsers(dest="kind")
-    megatron = kinds.add_parser("megatron-trtllm", help="Megatron-LM → TensorRT-LLM checkpoint")
-    megatron.add_argument("source", help="checkpoint: s3://bucket/prefix or a path the workers see")
-    megatron.add_argument(
-        "output", help="destination: s3://bucket/prefix or a path the workers see"
-    )
-    add_target_options(megatron)
-    megatron.add_argument(
-        "--engines", action="store_true", help="also build TensorRT-LLM engines (gpu workers)"
-    )
-    megatron.add_argument("--wait", action="store_true", help="block until the job ends")
-    index = kinds.add_parser(
-        "powerinfer-index", help="PowerInfer activation statistics → GPU index files"
-    )
-    add_index_options(index)
-    index.add_argument("--wait", action="store_true", help="block until the job ends")
+    submit_kinds = submit.add_subparsers(dest="kind")
+    for kind in kinds:
+        sub = submit_kinds.add_parser(kind.name, help=kind.cli.help)
+        kind.cli.add_arguments(sub, "submit")
+        sub.add_argument("--wait", action="store_true", help="block until the job ends")
 
     status = commands.add_parser("status", help="state and per-step progress of a job")
     status.add_argument("job")
@@ -89,12 +76,12 @@ def _time(ts: Any) -> str:
 def _wait(records: Any, job: str) -> int:
     from tqdm import tqdm
 
-    from tasks import service
+    from tasks.jobs import service
 
     bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=job, file=sys.stderr)
 
     def update(record: dict[str, Any]) -> None:
-        if record["kind"] == "powerinfer-index":  # progress in layer steps, not bytes
+        if kind_named(record["kind"]).progress_unit != "bytes":  # a count of steps
             bar.unit, bar.unit_scale = "step", False
         done, total = service.progress(record)
         bar.total = total
@@ -112,9 +99,17 @@ def _wait(records: Any, job: str) -> int:
     return 1
 
 
-def submit(args: argparse.Namespace, spec: Any) -> int:
-    from tasks import service
+def submit(args: argparse.Namespace) -> int:
+    """`porter submit KIND ...` (one job) or `porter submit --batch FILE`."""
+    from tasks.jobs import service
 
+    if args.batch_file:
+        if args.kind:
+            raise ConversionError("give either --batch FILE or one job, not both")
+        return submit_batch(args)
+    if args.kind is None:
+        raise ConversionError("porter submit: give a job kind (megatron-trtllm, ...) or --batch")
+    spec = kind_named(args.kind).cli.spec_from_args(args)
     records = service.connect()
     job, created = service.submit(spec, records)
     print(job, flush=True)
@@ -125,24 +120,19 @@ def submit(args: argparse.Namespace, spec: Any) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    from tasks import service
+    from tasks.jobs import service
 
     record = service.get(service.connect(), args.job)
     if args.json:
         print(json.dumps(record, indent=2, sort_keys=True, default=str))
         return 0
     done, total = service.progress(record)
-    spec = record["spec"]
+    kind = kind_named(record["kind"])
     print(f"job {args.job}: {record['state']} (attempt {record.get('attempt', 0)})")
-    if record["kind"] == "powerinfer-index":
-        budgets = ", ".join(str(b["vram_capacity"]) for b in spec["budgets"])
-        print(f"  {spec['activations']} -> {spec['output']} (VRAM capacities {budgets})")
-    else:
-        print(f"  {spec['source']} -> {spec['output']} TP={spec['tp']} PP={spec['pp']}")
+    print(f"  {kind.cli.describe(record['spec'])}")
     print(f"  created {_time(record.get('created'))}, finished {_time(record.get('finished'))}")
     if total:
-        unit = "layer steps" if record["kind"] == "powerinfer-index" else "bytes"
-        print(f"  done {done}/{total} {unit} ({done / total:.0%})")
+        print(f"  done {done}/{total} {kind.progress_unit} ({done / total:.0%})")
     if record.get("error"):
         print(f"  error: {record['error']}")
     if record.get("manifest_uri"):
@@ -165,8 +155,8 @@ def status(args: argparse.Namespace) -> int:
 
 def submit_batch(args: argparse.Namespace) -> int:
     """`porter submit --batch FILE`: check every entry, then queue them all."""
-    from tasks import service
-    from tasks.batch import read_batch
+    from tasks.jobs import service
+    from tasks.jobs.batch import read_batch
 
     specs = read_batch(args.batch_file)
     records = service.connect()
@@ -178,7 +168,7 @@ def submit_batch(args: argparse.Namespace) -> int:
 
 
 def _jobs_table(records: Any, args: argparse.Namespace) -> list[str]:
-    from tasks import service
+    from tasks.jobs import service
 
     lines = [f"{'job':<32} {'state':<10} {'progress':>8} {'created (UTC)':<19}  output"]
     for job in records.job_ids(args.limit):
@@ -200,7 +190,7 @@ def _jobs_table(records: Any, args: argparse.Namespace) -> list[str]:
 def jobs(args: argparse.Namespace) -> int:
     import time
 
-    from tasks import service
+    from tasks.jobs import service
 
     records = service.connect()
     if not args.watch:
@@ -218,7 +208,7 @@ def jobs(args: argparse.Namespace) -> int:
 
 
 def cancel(args: argparse.Namespace) -> int:
-    from tasks import service
+    from tasks.jobs import service
 
     result = service.cancel(service.connect(), args.job)
     print(f"{args.job}: CANCELLED; removed {result['removed_files']} uncommitted file(s)")
@@ -226,7 +216,7 @@ def cancel(args: argparse.Namespace) -> int:
 
 
 def retry(args: argparse.Namespace) -> int:
-    from tasks import service
+    from tasks.jobs import service
 
     records = service.connect()
     attempt = service.retry(records, args.job)
@@ -244,7 +234,7 @@ def worker(args: argparse.Namespace) -> int:
     if args.concurrency is not None:
         argv.append(f"--concurrency={args.concurrency}")
     if "gpu" in queues:
-        from tasks.engines import engine_builder_problem
+        from tasks.kinds.trtllm_engines import engine_builder_problem
 
         problem = engine_builder_problem()
         if problem:
@@ -259,7 +249,7 @@ def worker(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from tasks.api import create_app
+    from tasks.triggers.api import create_app
 
     uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
     return 0

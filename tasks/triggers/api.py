@@ -7,7 +7,7 @@
     POST /v1/jobs                          a job spec → its id (same spec → same id)   [token]
     POST /v1/jobs/{id}/cancel                                                         [token]
     POST /v1/jobs/{id}/retry                                                          [token]
-    POST /v1/hooks/training-complete       signed (X-Porter-Signature, `tasks.signing`)
+    POST /v1/hooks/training-complete       signed (X-Porter-Signature, `tasks.triggers.signing`)
     POST /v1/hooks/huggingface             Hub webhook (X-Webhook-Secret)
 
 Job-changing calls need `Authorization: Bearer <PORTER_API_TOKEN>` (disabled when no token is
@@ -27,13 +27,14 @@ from fastapi.responses import JSONResponse
 
 from config.settings import Settings
 from converters.errors import ConversionError
-from tasks import hooks, service
-from tasks.metrics_collector import render as render_metrics
-from tasks.profiles import PLACEHOLDER_CHECKPOINT, Profile, load_profiles
-from tasks.records import JobRecords
-from tasks.signing import HEADER, BadSignature, verify
-from tasks.specs import parse_spec
-from tasks.store import ArtifactError, open_store
+from tasks.jobs import service
+from tasks.jobs.records import JobRecords
+from tasks.jobs.specs import parse_spec
+from tasks.ops.metrics_collector import render as render_metrics
+from tasks.storage.store import ArtifactError, open_store
+from tasks.triggers import hooks
+from tasks.triggers.profiles import PLACEHOLDER_CHECKPOINT, Profile, load_profiles
+from tasks.triggers.signing import HEADER, BadSignature, verify
 
 ASGIApp = Callable[..., Awaitable[None]]
 

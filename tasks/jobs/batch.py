@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from tasks.jobs import InvalidSpec
-from tasks.specs import JobSpec, parse_spec
+from tasks.jobs.checks import InvalidSpec
+from tasks.jobs.specs import JobSpec, parse_spec
 
 MAX_BATCH_BYTES = 16 * 2**20
 MAX_JOBS = 10_000

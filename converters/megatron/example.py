@@ -221,13 +221,11 @@ def _spawn_ranks(job: dict[str, Any], tmp: Path, timeout: float = 900.0) -> None
     job_file = tmp / "job.pt"
     torch.save(job, job_file)
     env = dict(os.environ)
-    pkg_root = str(Path(__file__).resolve().parents[1])
+    pkg_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("PYTHONWARNINGS", "ignore")
-    code = (
-        "import sys; from tasks.megatron_example import _launcher_main; _launcher_main(sys.argv[1])"
-    )
+    code = "import sys; from converters.megatron.example import _launcher_main; _launcher_main(sys.argv[1])"
     cmd = [sys.executable, "-c", code, str(job_file)]
     try:
         proc = subprocess.run(

@@ -26,26 +26,16 @@ import time
 import uuid
 from typing import Any
 
-from config.celery_app import CPU_QUEUE
+from config.queues import CPU_QUEUE
 from config.settings import Settings
-from tasks.records import JobRecords
+from tasks.jobs.ids import task_id
+from tasks.jobs.records import JobRecords
+from tasks.kinds import all_kinds
+from tasks.kinds.base import JobKind, Phase
 
 log = logging.getLogger(__name__)
 
 LOCK = "porter:reaper"
-
-# Per job kind, each fan-out: (header step prefix, what counts its steps in the inspected plan,
-# the chord body's task, the body's first step).
-PHASES: dict[str, tuple[tuple[str, str, str, str], ...]] = {
-    "megatron-trtllm": (
-        ("reshard:", "ranks", "porter.assemble", "config"),
-        ("engine:", "ranks", "porter.publish", "publish"),
-    ),
-    "powerinfer-index": (
-        ("stats:", "layers", "porter.index.solve", "solve"),
-        ("topk:", "layers", "porter.index.assemble", "assemble"),
-    ),
-}
 
 
 def restore_message(app: Any, task_id: str) -> bool:
@@ -70,23 +60,31 @@ def alive_nodes(app: Any, nodes: set[str], timeout: float = 1.0) -> set[str]:
     return {node for reply in replies for node in reply}
 
 
+def _body_step(kind: JobKind, phase: Phase) -> str:
+    """The first step a phase's chord body records: its `then` step, else what follows it."""
+    if phase.then is not None:
+        return phase.then.name
+    following = kind.phases[kind.phases.index(phase) + 1 :]
+    return f"{following[0].step}:0" if following else "publish"
+
+
 def stalled_chords(records: JobRecords, older_than: float) -> list[tuple[str, str, str]]:
     """(job, body task, body step) of running jobs whose fan-out finished more than
     `older_than` seconds ago without its chord body starting."""
-    found, now = [], time.time()
+    found, now, kinds = [], time.time(), all_kinds()
     for job in records.running_jobs():
         record = records.get(job)
-        if not record or not record.get("inspected"):
+        if not record or not record.get("inspected") or record["kind"] not in kinds:
             continue
-        done = record["steps"]
-        for prefix, counted, body, body_step in PHASES.get(record["kind"], ()):
-            names = [f"{prefix}{i}" for i in range(len(record["inspected"][counted]))]
+        done, kind = record["steps"], kinds[record["kind"]]
+        for phase in kind.phases:
+            names, body_step = phase.names(record["inspected"]), _body_step(kind, phase)
             if not names or body_step in done or any(n not in done for n in names):
                 continue
             if any(done[n].get("state") != "SUCCEEDED" for n in names):
                 continue
             if now - max(float(done[n].get("finished") or now) for n in names) > older_than:
-                found.append((job, body, body_step))
+                found.append((job, phase.body_task, body_step))
     return found
 
 
@@ -116,8 +114,8 @@ def reap(app: Any, records: JobRecords, settings: Settings) -> list[str]:
     requeued = []
     now = time.time()
     for job, step, fields in stale:
-        task_id = fields.get("task_id")
-        if not task_id or task_id in held:
+        lost = fields.get("task_id")
+        if not lost or lost in held:
             continue  # a live worker still runs it (slow, or hung: not ours to take)
         # A worker still reconnecting after a Redis restart can miss one ping: take a step only
         # when its worker missed two, a reaper interval apart.
@@ -127,9 +125,9 @@ def reap(app: Any, records: JobRecords, settings: Settings) -> list[str]:
             continue
         if now - suspected < settings.reaper_interval:
             continue
-        if restore_message(app, task_id):
+        if restore_message(app, lost):
             records.step(job, step, state="REQUEUED", requeued=time.time())
-            requeued.append(task_id)
+            requeued.append(lost)
             log.warning(
                 "%s: %s lost its worker %s (no heartbeat for %.0f s); queued again",
                 job, step, fields.get("node"), time.time() - float(fields["heartbeat"]),

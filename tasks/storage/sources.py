@@ -57,8 +57,8 @@ from converters.megatron.layout import (
 from converters.megatron.legacy import is_rank_model_file, is_storage_record, zip_records
 from converters.tensors import FileRange, LazyTensor
 from converters.trtllm.plan import Target, rank_tensors
-from tasks.jobs import identity_digest
-from tasks.store import ArtifactError, ArtifactStore, open_store, space_errors
+from tasks.jobs.ids import identity_digest
+from tasks.storage.store import ArtifactError, ArtifactStore, open_store, space_errors
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.errors import ConversionError
-from tasks.store import Artifact, ArtifactStore, open_store, sha256_file
+from tasks.storage.store import Artifact, ArtifactStore, open_store, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ def _upload(store: ArtifactStore, out: Path, rank: int, tag: str) -> list[Artifa
 
 
 # --------------------------------------------------------------------------------------------
-# The default builder: `python -m tasks.engines --rank N <trtllm-build arguments>`
+# The default builder: `python -m tasks.kinds.trtllm_engines --rank N <trtllm-build arguments>`
 
 
 def _split_rank(argv: list[str]) -> tuple[int, list[str]]:
@@ -372,12 +372,14 @@ def _split_rank(argv: list[str]) -> tuple[int, list[str]]:
         if arg == "--rank" or arg.startswith("--rank="):
             value = arg.partition("=")[2] if "=" in arg else next(items, "")
             if rank is not None or not value.isdigit():
-                raise SystemExit("usage: python -m tasks.engines --rank N [trtllm-build args]")
+                raise SystemExit(
+                    "usage: python -m tasks.kinds.trtllm_engines --rank N [trtllm-build args]"
+                )
             rank = int(value)
         else:
             rest.append(arg)
     if rank is None:
-        raise SystemExit("usage: python -m tasks.engines --rank N [trtllm-build args]")
+        raise SystemExit("usage: python -m tasks.kinds.trtllm_engines --rank N [trtllm-build args]")
     return rank, rest
 
 

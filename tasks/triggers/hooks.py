@@ -1,6 +1,6 @@
 """Incoming hooks: "checkpoint X of model Y is ready" from training jobs and the Hugging Face Hub.
 
-Training-complete (POST /v1/hooks/training-complete), signed with `tasks.signing`:
+Training-complete (POST /v1/hooks/training-complete), signed with `tasks.triggers.signing`:
 
     {"profile": "llama-70b", "checkpoint": "s3://ckpts/llama-70b/iter_0003000", "iteration": 3000}
 
@@ -25,10 +25,11 @@ from typing import Any
 
 import redis
 
-from tasks import sources, triggers
-from tasks.jobs import InvalidSpec
-from tasks.profiles import Profile, check_iteration, profile_for_repo
-from tasks.records import JobRecords
+from tasks.jobs.checks import InvalidSpec
+from tasks.jobs.records import JobRecords
+from tasks.storage import sources
+from tasks.triggers import checkpoints as triggers
+from tasks.triggers.profiles import Profile, check_iteration, profile_for_repo
 
 _SEEN = "porter:hook:seen:"
 _TRAINING_KEYS = {"profile", "checkpoint", "iteration"}

@@ -1,5 +1,5 @@
-"""Submitting and managing queued jobs (Megatron → TensorRT-LLM and PowerInfer GPU index): what
-`porter submit|status|jobs|cancel|retry` call.
+"""Submitting and managing queued jobs of any registered kind: what `porter
+submit|status|jobs|cancel|retry` call.
 
 The job id is derived from the content (source identity from listings + normalized spec + format
 version), and the record is created with HSETNX: submitting the same job twice, even at the same
@@ -12,13 +12,15 @@ import time
 from typing import Any
 
 from config.celery_app import app
+from config.queues import CPU_QUEUE
 from config.settings import Settings
 from converters.errors import ConversionError
-from tasks import sources, steps
-from tasks.jobs import job_id, task_id
-from tasks.powerinfer_index import IndexSpec
-from tasks.records import CANCELLED, FAILED, PENDING, SUCCEEDED, TERMINAL, JobRecords
-from tasks.specs import JobSpec, parse_spec
+from tasks.jobs.ids import job_id, task_id
+from tasks.jobs.outputs import remove_outputs
+from tasks.jobs.records import CANCELLED, FAILED, PENDING, SUCCEEDED, TERMINAL, JobRecords
+from tasks.jobs.specs import JobSpec, parse_spec
+from tasks.kinds import kind_named, kind_of
+from tasks.ops import metrics  # noqa: F401  (counts the tasks this process sends)
 
 
 class JobNotFound(ConversionError):
@@ -32,16 +34,12 @@ def connect(settings: Settings | None = None) -> JobRecords:
 
 
 def _send_plan(job: str, attempt: int) -> None:
-    app.send_task("porter.plan", args=[job], task_id=task_id(job, "plan", attempt), queue="cpu")
+    app.send_task("porter.plan", args=[job], task_id=task_id(job, "plan", attempt), queue=CPU_QUEUE)
 
 
 def _identity(spec: JobSpec) -> list:
     """The source identity of a job spec, from listings (no weights or statistics are read)."""
-    if isinstance(spec, IndexSpec):
-        from tasks.powerinfer_steps import activation_identity
-
-        return activation_identity(spec.activations)
-    return sources.source_identity(spec.source)
+    return kind_of(spec).identity(spec)
 
 
 def submit(spec: JobSpec, records: JobRecords, **labels: Any) -> tuple[str, bool]:
@@ -83,7 +81,7 @@ def cancel(records: JobRecords, job: str) -> dict[str, Any]:
     records.force_state(job, CANCELLED, "cancelled by request")
     app.control.revoke([task_id(job, name, record["attempt"]) for name in _step_names(record)])
     spec = _spec(record)
-    removed = steps.remove_outputs(spec, job)
+    removed = remove_outputs(spec, job)
     records.update(job, finished=time.time())
     return {"job": job, "removed_files": removed}
 
@@ -94,14 +92,7 @@ def _spec(record: dict[str, Any]) -> JobSpec:
 
 def _step_names(record: dict[str, Any]) -> list[str]:
     """Every step the job's canvas can have (queued ones included, so they can be revoked)."""
-    inspected = record.get("inspected") or {}
-    if record["kind"] == "powerinfer-index":
-        layers = range(len(inspected.get("layers", [])))
-        per_layer = [f"stats:{n}" for n in layers] + [f"topk:{n}" for n in layers]
-        return ["plan", "solve", "assemble", *per_layer]
-    ranks = range(len(inspected.get("ranks", [])))
-    per_rank = [f"reshard:{r}" for r in ranks] + [f"engine:{r}" for r in ranks]
-    return ["plan", "assemble", "publish", *per_rank]
+    return kind_named(record["kind"]).step_names(record.get("inspected") or {})
 
 
 def retry(records: JobRecords, job: str) -> int:
@@ -131,20 +122,6 @@ def wait(records: JobRecords, job: str, on_update: Any = None, poll: float = 0.5
 
 
 def progress(record: dict[str, Any]) -> tuple[int, int]:
-    """(bytes written so far, bytes to write) over a Megatron job's rank steps; (steps done,
-    steps) over a PowerInfer index job's per-layer steps."""
-    if record["kind"] == "powerinfer-index":
-        layers = len((record.get("inspected") or {}).get("layers", []))
-        per_layer = [
-            s for n, s in record.get("steps", {}).items() if n.startswith(("stats:", "topk:"))
-        ]
-        return sum(s.get("state") == SUCCEEDED for s in per_layer), 2 * layers
-    planned = {
-        f"reshard:{r['rank']}": r["bytes_written"]
-        for r in (record.get("inspected") or {}).get("ranks", [])
-    }
-    done = 0
-    for name, step in record.get("steps", {}).items():
-        if name in planned:
-            done += planned[name] if step.get("state") == SUCCEEDED else int(step.get("done", 0))
-    return done, sum(planned.values())
+    """(done, total) of a job, in its kind's unit (`JobKind.progress_unit`): bytes written over a
+    Megatron job's rank steps, steps done over a PowerInfer index job's per-layer steps."""
+    return kind_named(record["kind"]).progress(record)

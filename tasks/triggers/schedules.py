@@ -46,9 +46,10 @@ from redbeat.schedulers import RedBeatSchedulerEntry, get_redis
 
 from config.celery_app import CPU_QUEUE, app
 from converters.errors import ConversionError
-from tasks import service, triggers
-from tasks.jobs import InvalidSpec, check_location
-from tasks.records import JobRecords
+from tasks.jobs import service
+from tasks.jobs.checks import InvalidSpec, check_location
+from tasks.jobs.records import JobRecords
+from tasks.triggers import checkpoints as triggers
 
 log = logging.getLogger(__name__)
 

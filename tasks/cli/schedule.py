@@ -1,4 +1,4 @@
-"""`porter schedule add|list|remove` and `porter beat`: scheduled re-exports (tasks.schedules).
+"""`porter schedule add|list|remove` and `porter beat`: scheduled re-exports (tasks.triggers.schedules).
 
     porter schedule add NAME (--cron "0 3 * * *" | --every 10m) --profile PROFILE --source ROOT
                         [--replace]
@@ -81,7 +81,7 @@ def _result(item: dict[str, Any]) -> str:
 
 def schedule(args: argparse.Namespace) -> int:
     """`porter schedule add|list|remove`."""
-    from tasks import schedules
+    from tasks.triggers import schedules
 
     if args.action == "add":
         return _add(args)
@@ -111,7 +111,8 @@ def schedule(args: argparse.Namespace) -> int:
 
 
 def _add(args: argparse.Namespace) -> int:
-    from tasks import schedules, sources
+    from tasks.storage import sources
+    from tasks.triggers import schedules
 
     item = schedules.add(
         args.name,

@@ -1,7 +1,7 @@
 """Notifications: when a job ends SUCCEEDED or FAILED, POST a signed JSON summary to each URL of
 its profile, retrying with exponential backoff.
 
-The body is JSON (`summary`), signed like hooks (`tasks.signing`, secret `PORTER_NOTIFY_SECRET`),
+The body is JSON (`summary`), signed like hooks (`tasks.triggers.signing`, secret `PORTER_NOTIFY_SECRET`),
 with `X-Porter-Event: job.finished` and `X-Porter-Delivery: <job>:<attempt>` so a receiver can
 dedup. 5xx, 429 and network errors are retried (`notify_attempts`, `notify_backoff` doubling); any
 other 4xx is final. A notification that cannot be delivered never changes the job's state: it is
@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from tasks.signing import HEADER, sign
+from tasks.triggers.signing import HEADER, sign
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ def hand_back_held_messages(task_ids: set[str]) -> int:
     """Put the messages of `task_ids` back on their queues, first in line; returns how many were
     still waiting for an acknowledgement."""
     from config.celery_app import app
-    from tasks.reaper import restore_message
+    from tasks.ops.reaper import restore_message
 
     return sum(restore_message(app, task_id) for task_id in task_ids)
 

@@ -1,0 +1,353 @@
+"""The Megatron → TensorRT-LLM job kind: a Megatron checkpoint becomes a TensorRT-LLM checkpoint
+(`config.json` + `rank{N}.safetensors`) for any TP x PP, and optionally its engines.
+
+    inspect ─► reshard rank r (fan-out) ─► config ─► [build engine rank r (gpu)] ─► publish
+
+The steps are plain functions; both executors (the local process pool behind `porter convert` and
+the Celery tasks) call them through the phases declared at the end. Every step is idempotent: a
+rank whose artifact already carries this job's tag is returned as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from config.queues import GPU_QUEUE
+from config.settings import Settings
+from converters.errors import ConversionError
+from converters.model import DTYPES, ModelConfig
+from converters.trtllm.config import trtllm_config
+from converters.trtllm.convert import Progress, convert_rank, rank_file_name
+from converters.trtllm.families import family_for
+from converters.trtllm.plan import NONFINITE_POLICIES, Target, check_target, estimate_rank
+from tasks.jobs.checks import InvalidSpec, check_bool, check_fields, check_int, check_location, show
+from tasks.jobs.ids import identity_digest, job_id, output_tag, tag_digest
+from tasks.jobs.outputs import artifact_result
+from tasks.kinds import register
+from tasks.kinds.base import JobKind, KindCli, Phase, Step, StepContext, human, local_location
+from tasks.ops.memory import PeakAnonSampler, peak_rss_bytes, reset_peak_rss
+from tasks.storage import sources
+from tasks.storage.store import open_store
+
+KIND = "megatron-trtllm"
+CONFIG = "config.json"
+MAX_PARALLEL = 4096  # target TP x PP: far above any real deployment, far below a DoS
+
+
+@dataclass(frozen=True)
+class ConvertSpec:
+    """A Megatron → TensorRT-LLM conversion: JSON-serialisable, the unit of work of a job."""
+
+    source: str
+    output: str
+    tp: int
+    pp: int = 1
+    dtype: str | None = None
+    parallel_embedding: bool = False
+    engines: bool = False  # also build TensorRT-LLM engines (gpu queue)
+    kind: str = "megatron-trtllm"
+    # NaN/infinite weights: "warn" (listed in each rank's result) or "error" (the rank fails).
+    nonfinite: str = "warn"
+
+    def __post_init__(self) -> None:
+        if self.kind != "megatron-trtllm":
+            raise InvalidSpec(f"kind must be 'megatron-trtllm', got {show(self.kind)}")
+        check_location(self.source, "SOURCE")
+        check_location(self.output, "OUTPUT")
+        if self.output == self.source or self.output.startswith(self.source.rstrip("/") + "/"):
+            raise InvalidSpec(f"OUTPUT {show(self.output)} lies inside SOURCE")
+        check_int(self.tp, "tp", 1, MAX_PARALLEL)
+        check_int(self.pp, "pp", 1, MAX_PARALLEL)
+        if self.tp * self.pp > MAX_PARALLEL:
+            raise InvalidSpec(f"tp x pp = {self.tp * self.pp} ranks (at most {MAX_PARALLEL})")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise InvalidSpec(f"dtype {show(self.dtype)} is not one of {', '.join(DTYPES)}")
+        check_bool(self.parallel_embedding, "parallel_embedding")
+        check_bool(self.engines, "engines")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise InvalidSpec(
+                f"nonfinite {show(self.nonfinite)} is not one of {', '.join(NONFINITE_POLICIES)}"
+            )
+
+    @property
+    def target(self) -> Target:
+        return Target(
+            tp=self.tp,
+            pp=self.pp,
+            dtype=self.dtype,
+            parallel_embedding=self.parallel_embedding,
+            nonfinite=self.nonfinite,
+        )
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if data["nonfinite"] == "warn":  # the default: job ids stay what they were before it
+            del data["nonfinite"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ConvertSpec:
+        """A spec from its JSON form; unknown, missing or mistyped fields are InvalidSpec."""
+        return cls(**check_fields(data, cls, ("source", "output", "tp"), "the job spec"))
+
+
+def inspect_source(spec: ConvertSpec) -> dict[str, Any]:
+    """Read the source's metadata only: format, model config, identity, per-rank cost estimates."""
+    identity = sources.source_identity(spec.source)
+    source = sources.open_source(spec.source)
+    target = spec.target
+    try:
+        check_target(source.config, target)
+    except ConversionError as exc:
+        if exc.path is None:  # name the checkpoint whose shape does not fit
+            raise type(exc)(str(exc), spec.source) from None
+        raise
+    job, digest = job_id(spec, identity), identity_digest(identity)
+    return {
+        "job_id": job,
+        "tag": output_tag(job, digest),
+        "source_digest": digest,
+        "format": source.format,
+        "source_tp": source.tp,
+        "source_pp": source.pp,
+        "family": family_for(source.config).name,
+        "config": source.config.to_dict(),
+        "files": [entry[0] for entry in identity],
+        "source_bytes": sum(entry[1] for entry in identity),
+        "ranks": [asdict(estimate_rank(source, target, r)) for r in range(target.world_size)],
+    }
+
+
+def convert_rank_step(
+    spec: ConvertSpec, tag: str, rank: int, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Write `rank{rank}.safetensors` to OUTPUT (fetching only the source bytes this rank reads)."""
+    store = open_store(spec.output)
+    key = rank_file_name(rank)
+    done = artifact_result(store, key, tag)
+    if done:  # a re-delivered, retried or resumed step
+        zero = ("bytes_read", "bytes_fetched", "bytes_cached", "peak_anon_bytes", "peak_rss_bytes")
+        return {"rank": rank, "seconds": 0.0, "nonfinite": [], **dict.fromkeys(zero, 0), **done}
+    source, fetched = sources.open_source_for_rank(
+        spec.source, spec.target, rank, expected_digest=tag_digest(tag)
+    )
+    reset_peak_rss()
+    with store.scratch(key) as tmp, PeakAnonSampler() as sampler:
+        result = convert_rank(source, spec.target, rank, tmp, progress)
+        store.put_file(tmp, key, sha256=result.sha256, tag=tag, move=True)
+    return {
+        **asdict(result),
+        "file": key,
+        "bytes_fetched": fetched.bytes_fetched,  # downloaded from the store by this step
+        "bytes_cached": fetched.bytes_cached,  # needed, and already in this machine's cache
+        "peak_anon_bytes": sampler.peak,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "pid": os.getpid(),
+        "reused": False,
+    }
+
+
+def write_config_step(spec: ConvertSpec, tag: str, inspected: dict[str, Any]) -> dict[str, Any]:
+    """Write `config.json` to OUTPUT (from `inspect_source`'s model config)."""
+    store = open_store(spec.output)
+    config = ModelConfig(**inspected["config"])
+    data = (json.dumps(trtllm_config(config, spec.target), indent=2) + "\n").encode()
+    sha = hashlib.sha256(data).hexdigest()
+    with store.scratch(CONFIG) as tmp:
+        tmp.write_bytes(data)
+        store.put_file(tmp, CONFIG, sha256=sha, tag=tag, move=True)
+    return {"file": CONFIG, "bytes_written": len(data), "sha256": sha}
+
+
+def source_summary(inspected: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest records about a Megatron source (from `inspect_source`)."""
+    keys = ("format", "source_tp", "source_pp", "family", "source_bytes", "source_digest")
+    return {k: inspected[k] for k in keys}
+
+
+def _published(ctx: StepContext) -> list[dict[str, Any]]:
+    """The files the manifest lists: every rank, config.json, and the engines if built."""
+    results, world = ctx.results(), len(ctx.inspected["ranks"])
+    files = [results[f"reshard:{r}"] for r in range(world)] + [results["config"]]
+    if ctx.spec.engines:
+        for r in range(world):
+            files.extend(results[f"engine:{r}"]["files"])
+    return files
+
+
+def progress(record: dict[str, Any]) -> tuple[int, int]:
+    """(bytes written so far, bytes to write) over the rank steps of a job record."""
+    planned = {
+        f"reshard:{r['rank']}": r["bytes_written"]
+        for r in (record.get("inspected") or {}).get("ranks", [])
+    }
+    done = 0
+    for name, step in record.get("steps", {}).items():
+        if name in planned:
+            done += planned[name] if step.get("state") == "SUCCEEDED" else int(step.get("done", 0))
+    return done, sum(planned.values())
+
+
+def _build_engine(ctx: StepContext, rank: int) -> dict[str, Any]:
+    from tasks.kinds.trtllm_engines import build_engine_step
+
+    world = len(ctx.inspected["ranks"])
+    return build_engine_step(ctx.spec.output, ctx.job, rank, world, ctx.tag)
+
+
+RESHARD = Phase(
+    step="reshard",
+    task="porter.reshard",
+    count="ranks",
+    run=lambda ctx, rank: convert_rank_step(ctx.spec, ctx.tag, rank, ctx.progress),
+    body_task="porter.assemble",
+    body_id="assemble",
+    then=Step("config", lambda ctx: write_config_step(ctx.spec, ctx.tag, ctx.inspected)),
+    cost=lambda inspected, r: (
+        inspected["ranks"][r]["peak_bytes"],
+        inspected["ranks"][r]["bytes_written"],
+    ),
+)
+ENGINES = Phase(
+    step="engine",
+    task="porter.build_engine",
+    count="ranks",
+    run=_build_engine,
+    body_task="porter.publish",
+    body_id="publish",
+    queue=GPU_QUEUE,
+    enabled=lambda spec: spec.engines,
+)
+
+# ── the command line ──────────────────────────────────────────────────────────────────────────
+
+
+def _add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    if command == "plan":
+        parser.add_argument("source")
+    else:
+        where = "a path the workers see" if command == "submit" else "a local path"
+        parser.add_argument(
+            "source",
+            help=f"Megatron checkpoint (root or iteration directory; legacy or torch_dist): "
+            f"s3://bucket/prefix or {where}",
+        )
+        parser.add_argument("output", help=f"output (must be empty): s3://bucket/prefix or {where}")
+    parser.add_argument("--tp", type=int, required=True, help="target tensor-parallel size")
+    parser.add_argument(
+        "--pp", type=int, default=1, help="target pipeline-parallel size (default 1)"
+    )
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), help="output dtype (default: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--parallel-embedding", action="store_true", help="split the vocab embedding over TP ranks"
+    )
+    parser.add_argument(
+        "--nonfinite",
+        choices=["warn", "error"],
+        default="warn",
+        help="NaN/infinite weights: list them in the summary (warn, default) or fail (error)",
+    )
+    if command == "submit":
+        parser.add_argument(
+            "--engines", action="store_true", help="also build TensorRT-LLM engines (gpu workers)"
+        )
+
+
+def _spec_from_args(args: argparse.Namespace) -> ConvertSpec:
+    output = getattr(args, "output", "-")
+    return ConvertSpec(
+        source=local_location(args.source, "SOURCE"),
+        output=output if output == "-" else local_location(output, "OUTPUT"),
+        tp=args.tp,
+        pp=args.pp,
+        dtype=args.dtype,
+        parallel_embedding=args.parallel_embedding,
+        engines=getattr(args, "engines", False),
+        nonfinite=args.nonfinite,
+    )
+
+
+def _report(spec: ConvertSpec, summary: Any) -> None:
+    """The closing summary of `porter convert megatron-trtllm`."""
+    ranks = summary.fanned("reshard")
+    rate = summary.bytes_written / summary.seconds / 1e9 if summary.seconds else 0.0
+    print(
+        f"converted {spec.source} -> {summary.output} (TP={spec.tp}, PP={spec.pp}) job {summary.job_id}"
+    )
+    print(
+        f"{summary.seconds:.2f} s, {summary.workers} worker(s); read {human(summary.bytes_read)}, "
+        f"wrote {human(summary.bytes_written)} ({rate:.2f} GB/s)"
+    )
+    print(
+        f"{'rank':>4}  {'bytes':>12}  {'seconds':>8}  {'peak anon':>11}  {'peak rss':>11}  sha256"
+    )
+    for r in ranks:
+        print(
+            f"{r['rank']:>4}  {human(r['bytes_written']):>12}  {r['seconds']:>8.2f}  "
+            f"{human(r['peak_anon_bytes']):>11}  {human(r['peak_rss_bytes']):>11}  {r['sha256'][:16]}"
+            + ("  (reused)" if r.get("reused") else "")
+        )
+    for r in ranks:
+        for found in r.get("nonfinite", []):
+            print(
+                f"warning: rank {r['rank']}: {found['tensor']} has {found['count']} NaN/infinite "
+                f"value(s) (from {', '.join(found['files'])}); --nonfinite error refuses them",
+                file=sys.stderr,
+            )
+
+
+def _print_plan(inspected: dict[str, Any]) -> None:
+    """`porter plan megatron-trtllm`: per rank, what it reads, writes and holds."""
+    cfg = inspected["config"]
+    print(
+        f"{inspected['format']} checkpoint, training TP={inspected['source_tp']} PP={inspected['source_pp']}, "
+        f"family {inspected['family']}, {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, {cfg['dtype']}; "
+        f"source files {human(inspected['source_bytes'])}"
+    )
+    overhead = Settings.from_env().process_overhead_bytes
+    print(f"{'rank':>4}  {'reads':>12}  {'writes':>12}  {'peak tensors':>12}  {'peak memory':>12}")
+    for r in inspected["ranks"]:
+        print(
+            f"{r['rank']:>4}  {human(r['bytes_read']):>12}  {human(r['bytes_written']):>12}  "
+            f"{human(r['peak_bytes']):>12}  {human(r['peak_bytes'] + overhead):>12}"
+        )
+    worst = max(r["peak_bytes"] for r in inspected["ranks"]) + overhead
+    print(
+        f"a worker process needs about {human(worst)} of RAM per concurrent rank "
+        f"(peak tensors + {human(overhead)} for Python and torch); "
+        f"{len(inspected['ranks'])} ranks can run in parallel"
+    )
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    return f"{spec['source']} -> {spec['output']} TP={spec['tp']} PP={spec['pp']}"
+
+
+KIND_SPEC = register(
+    JobKind(
+        name=KIND,
+        spec_type=ConvertSpec,
+        identity=lambda spec: sources.source_identity(spec.source),
+        inspect=inspect_source,
+        phases=(RESHARD, ENGINES),
+        published=_published,
+        source_summary=source_summary,
+        progress=progress,
+        cli=KindCli(
+            help="Megatron-LM → TensorRT-LLM checkpoint",
+            add_arguments=_add_arguments,
+            spec_from_args=_spec_from_args,
+            report=_report,
+            print_plan=_print_plan,
+            describe=_describe,
+        ),
+    )
+)

@@ -533,7 +533,7 @@ def profile_s3_convert(source: str, dest: str, cache: Path) -> dict[str, Any]:
     found = [
         (v[1], v[3])
         for (file, _, func), v in stats.items()
-        if file.endswith(os.path.join("tasks", "store.py")) and func == "open_store"
+        if file.endswith(os.path.join("tasks", "storage", "store.py")) and func == "open_store"
     ]
     calls, seconds = found[0] if found else (0, 0.0)
     decode = sum(

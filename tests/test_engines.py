@@ -20,7 +20,8 @@ from safetensors.numpy import save_file
 from converters.errors import ConversionError
 from tasks.kinds import trtllm_engines as engines
 from tasks.kinds.trtllm_engines import build_engine_step, engine_builder_problem, option_args
-from tasks.storage.store import ArtifactStore, open_store
+from tasks.storage.base import ArtifactStore
+from tasks.storage.store import open_store
 
 FAKE = Path(__file__).with_name("fake_trtllm_build.py")
 WORLD = 2

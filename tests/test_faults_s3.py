@@ -20,7 +20,8 @@ from tasks.executors.local import run_conversion
 from tasks.jobs.records import JobRecords
 from tasks.kinds.megatron_trtllm import ConvertSpec
 from tasks.storage import sources
-from tasks.storage.store import ArtifactError, open_store
+from tasks.storage.base import ArtifactError
+from tasks.storage.store import open_store
 from tests.cluster import Cluster, worker_env
 from tests.fault_proxy import KINDS, FaultProxy, Faults
 from tests.test_distributed import download, reference, upload, wait_state

@@ -22,7 +22,7 @@ from converters.megatron.layout import open_checkpoint
 from converters.megatron.legacy import zip_records
 from converters.trtllm.convert import convert_rank
 from converters.trtllm.plan import Target, estimate_rank
-from tasks.storage import sources
+from tasks.storage import mirror, ranges, sources, sparse
 
 LEGACY_TP2 = Layout("legacy", 2, 1)
 LEGACY_PP2 = Layout("legacy", 1, 2)
@@ -113,7 +113,7 @@ def test_rank_from_s3_is_byte_identical(megatron, s3_env, cache, tmp_path, layou
         target = Target(tp)
         for rank in range(tp):
             source, stats = sources.open_source_for_rank(uri, target, rank, cache, coalesce_gap=0)
-            assert isinstance(source, sources.MirroredCheckpoint)
+            assert isinstance(source, mirror.MirroredCheckpoint)
             assert source.uri == f"{uri}/iter_0000010" and source.format == layout.format
             want = converted(local, target, rank, tmp_path / "local.safetensors")
             got = converted(source, target, rank, tmp_path / "s3.safetensors")
@@ -125,7 +125,7 @@ def test_local_source_is_opened_in_place(megatron, cache):
     root = megatron("llama").paths[LEGACY_TP2]
     source, stats = sources.open_source_for_rank(str(root), Target(2), 0, cache)
     assert source.path == root / "iter_0000010"
-    assert stats == sources.FetchStats()
+    assert stats == sparse.FetchStats()
     assert not cache.exists()
 
 
@@ -304,7 +304,7 @@ def test_object_replaced_while_read(megatron, s3_env, cache, tmp_path, monkeypat
         return location
 
     monkeypatch.setattr(sources, "_locate", locate_then_replace)
-    with pytest.raises(sources.SourceChanged, match="changed") as info:
+    with pytest.raises(sparse.SourceChanged, match="changed") as info:
         sources.open_source_for_rank(uri, Target(1), 0, cache)
     assert info.value.path == f"{uri}/{key}"
     monkeypatch.setattr(sources, "_locate", real_locate)
@@ -432,16 +432,14 @@ def test_range_arithmetic():
         b = [(s, s + rng.randint(0, 20)) for s in (rng.randint(0, 200) for _ in range(6))]
         bytes_a = {i for s, e in a for i in range(s, e)}
         bytes_b = {i for s, e in b for i in range(s, e)}
-        merged = sources._merge(a)
+        merged = ranges.merge(a)
         assert {i for s, e in merged for i in range(s, e)} == bytes_a
         assert all(e1 < s2 for (_, e1), (s2, _) in itertools.pairwise(merged))
-        missing = sources._subtract(merged, sources._merge(b))
+        missing = ranges.subtract(merged, ranges.merge(b))
         assert {i for s, e in missing for i in range(s, e)} == bytes_a - bytes_b
         gap = rng.randint(0, 10)
-        joined = sources._coalesce(merged, gap)
+        joined = ranges.coalesce(merged, gap)
         assert all(s2 - e1 >= gap for (_, e1), (s2, _) in itertools.pairwise(joined))
         assert bytes_a <= {i for s, e in joined for i in range(s, e)}
-        pieces = sources._split(joined, 7)
-        assert all(e - s <= 7 for s, e in pieces) and sources._merge(pieces) == sources._merge(
-            joined
-        )
+        pieces = ranges.split(joined, 7)
+        assert all(e - s <= 7 for s, e in pieces) and ranges.merge(pieces) == ranges.merge(joined)

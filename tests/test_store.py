@@ -9,17 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.storage.store import (
-    ArtifactError,
-    CachedFetcher,
-    CorruptArtifact,
-    InvalidKey,
-    LocalStore,
-    MiB,
-    S3Store,
-    default_transfer_config,
-    open_store,
-)
+from tasks.storage.base import ArtifactError, CorruptArtifact, InvalidKey, MiB
+from tasks.storage.cache import CachedFetcher
+from tasks.storage.local import LocalStore
+from tasks.storage.s3 import S3Store, default_transfer_config
+from tasks.storage.store import open_store
 
 PART = 5 * MiB  # S3's smallest part size
 

@@ -30,12 +30,8 @@ from typing import Any
 import torch
 
 from converters.errors import CorruptCheckpoint, NotAMegatronCheckpoint, UnsafeCheckpoint
-from converters.megatron.safe_load import (
-    MegatronStub,
-    check_tensor_sizes,
-    check_torch_zip,
-    load_pt,
-)
+from converters.megatron.safe_load import MegatronStub, load_pt
+from converters.safe_load import check_tensor_sizes, check_torch_zip
 from converters.tensors import FileRange, LazyTensor
 
 __all__ = ["DistCheckpoint", "DistRegion", "read_dist_metadata"]

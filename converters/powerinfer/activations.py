@@ -1,6 +1,6 @@
 """Load PowerInfer activation statistics (`activation_<i>.pt`, one 1-D tensor per layer) safely.
 
-Files are read with `converters.megatron.safe_load.load_pt` (`weights_only=True`, allow-list): a
+Files are read with `converters.safe_load.load_pt` (`weights_only=True`, allow-list): a
 pickle that references anything else is refused before it is loaded, so nothing in it runs. Layers
 are ordered numerically (0, 1, 2, …, 10), not as strings (PowerInfer issue #247). Only names that
 match exactly `activation_<int>.pt` count; other files are ignored.
@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from converters.megatron.safe_load import load_pt
 from converters.powerinfer.errors import (
     BadActivationShape,
     BadActivationValues,
     MissingActivationLayer,
     NotATensor,
 )
+from converters.safe_load import load_pt
 
 ACTIVATION_NAME = re.compile(r"activation_([0-9]+)\.pt")
 

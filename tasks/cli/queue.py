@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from converters.errors import ConversionError
-from tasks.kinds import kind_named
+from tasks.kinds import all_kinds, kind_named
 from tasks.kinds.base import JobKind
 
 
@@ -233,12 +233,12 @@ def worker(args: argparse.Namespace) -> int:
     argv.append(f"--hostname=porter-{'-'.join(queues)}-{os.getpid()}@%h")
     if args.concurrency is not None:
         argv.append(f"--concurrency={args.concurrency}")
+    for kind in all_kinds().values():
+        for phase in kind.phases:
+            problem = phase.queue in queues and phase.requires and phase.requires()
+            if problem:
+                raise ConversionError(f"this machine {problem}")
     if "gpu" in queues:
-        from tasks.kinds.trtllm_engines import engine_builder_problem
-
-        problem = engine_builder_problem()
-        if problem:
-            raise ConversionError(f"this machine cannot build engines: {problem}")
         argv.append("--max-tasks-per-child=1")  # never reuse a process that initialised CUDA
     from config.celery_app import app
 

@@ -2,7 +2,7 @@
 
 A spec is checked when it is made (`__post_init__`, `from_dict`): a job spec read from Redis or
 written by hand is untrusted input. Locations are `s3://bucket/prefix` with a valid bucket and a
-prefix that `tasks.storage.store.check_key` accepts, or local paths without `..`; no NUL or control
+prefix that `tasks.storage.base.check_key` accepts, or local paths without `..`; no NUL or control
 characters; sizes within bounds. Errors are `InvalidSpec` (a `ConversionError`, so the CLI prints
 one line and exits 1).
 """
@@ -15,7 +15,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from converters.errors import ConversionError
-from tasks.storage.store import InvalidKey, check_key
+from tasks.storage.base import InvalidKey, check_key
 
 MAX_LOCATION_CHARS = 4096  # PATH_MAX
 MAX_S3_PREFIX_BYTES = 900  # S3 keys are at most 1024 bytes, and file names follow the prefix

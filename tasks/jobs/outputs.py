@@ -14,7 +14,8 @@ from typing import Any
 
 from converters.errors import ConversionError
 from tasks.jobs.ids import FORMAT_VERSION, porter_version, tag_job
-from tasks.storage.store import ArtifactStore, open_store
+from tasks.storage.base import ArtifactStore
+from tasks.storage.store import open_store
 
 MANIFEST = "manifest.json"
 

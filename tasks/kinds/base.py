@@ -93,6 +93,9 @@ class Phase:
     # (peak bytes held, bytes written) of step i, from the inspected plan: lets the local executor
     # run the steps in parallel processes sized by memory. None: one after another, in-process.
     cost: Callable[[dict[str, Any], int], tuple[int, int]] | None = None
+    # None if this machine can run the phase's steps, else what it lacks ("cannot build engines:
+    # no GPU"): a worker serving the phase's queue refuses to start on a reason.
+    requires: Callable[[], str | None] | None = None
 
     def size(self, inspected: dict[str, Any]) -> int:
         """How many fan-out steps this phase has for the inspected plan."""

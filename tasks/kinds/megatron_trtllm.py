@@ -194,6 +194,13 @@ def progress(record: dict[str, Any]) -> tuple[int, int]:
     return done, sum(planned.values())
 
 
+def _engine_builder_problem() -> str | None:
+    from tasks.kinds.trtllm_engines import engine_builder_problem
+
+    problem = engine_builder_problem()
+    return problem and f"cannot build engines: {problem}"
+
+
 def _build_engine(ctx: StepContext, rank: int) -> dict[str, Any]:
     from tasks.kinds.trtllm_engines import build_engine_step
 
@@ -223,6 +230,7 @@ ENGINES = Phase(
     body_id="publish",
     queue=GPU_QUEUE,
     enabled=lambda spec: spec.engines,
+    requires=_engine_builder_problem,
 )
 
 # ── the command line ──────────────────────────────────────────────────────────────────────────

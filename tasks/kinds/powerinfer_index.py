@@ -41,7 +41,9 @@ from tasks.jobs.checks import InvalidSpec, check_fields, check_int, check_locati
 from tasks.jobs.ids import identity_digest, job_id, output_tag
 from tasks.kinds import register
 from tasks.kinds.base import JobKind, KindCli, Phase, Step, StepContext, local_location
-from tasks.storage.store import ArtifactStore, CachedFetcher, open_store
+from tasks.storage.base import ArtifactStore
+from tasks.storage.cache import CachedFetcher
+from tasks.storage.store import open_store
 
 KIND = "powerinfer-index"
 

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from converters.errors import ConversionError
-from tasks.storage.store import Artifact, ArtifactStore, open_store, sha256_file
+from tasks.storage.base import Artifact, ArtifactStore, sha256_file
+from tasks.storage.store import open_store
 
 log = logging.getLogger(__name__)
 

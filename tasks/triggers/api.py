@@ -31,7 +31,8 @@ from tasks.jobs import service
 from tasks.jobs.records import JobRecords
 from tasks.jobs.specs import parse_spec
 from tasks.ops.metrics_collector import render as render_metrics
-from tasks.storage.store import ArtifactError, open_store
+from tasks.storage.base import ArtifactError
+from tasks.storage.store import open_store
 from tasks.triggers import hooks
 from tasks.triggers.profiles import PLACEHOLDER_CHECKPOINT, Profile, load_profiles
 from tasks.triggers.signing import HEADER, BadSignature, verify

@@ -1,0 +1,205 @@
+"""What runs inside the interpreter spawned by ``converters.megatron.example``: the launcher, which
+imports megatron once and forks one process per rank, and each rank's work (build the GPTModel of
+every needed (tp, pp) configuration, compute the oracle logits, hand the model to
+``example_save``).
+
+Only the spawned interpreter imports this module's megatron dependencies (inside functions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from converters.megatron.example import Layout
+from converters.megatron.example_save import LAYER_RE, megatron_args, save_legacy, save_torch_dist
+
+
+def launcher_main(job_file: str) -> None:
+    """Entry point of the launcher process: import megatron once, fork one process per rank."""
+    import torch.multiprocessing as mp
+
+    job = torch.load(job_file, weights_only=True)
+    # Import everything the ranks use before forking, so it is imported once for all ranks.
+    import megatron.core.dist_checkpointing
+    import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
+    from megatron.core import parallel_state  # noqa: F401
+    from megatron.core.models.gpt import GPTModel  # noqa: F401
+
+    _patch_cpu_gaps()
+    mp.start_processes(_worker, args=(job,), nprocs=job["world"], join=True, start_method="fork")
+
+
+def _patch_cpu_gaps() -> None:
+    """Make megatron-core's CUDA-only calls harmless on a CPU-only host."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+    # Tied embeddings with PP > 1: the last stage's copy is moved with .cuda() before an all-reduce.
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    mrandom.CudaRNGStatesTracker.fork = lambda self, *a, **k: contextlib.nullcontext()
+
+
+def _worker(rank: int, job: dict[str, Any]) -> None:
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(job["port"])
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=job["world"])
+    _run_configs(rank, job)
+    dist.barrier()
+    # Everything is written. Tearing gloo down costs ~1 s per process; this process is
+    # disposable, so leave without it (os._exit skips interpreter teardown, exit status 0).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _run_configs(rank: int, job: dict[str, Any]) -> None:
+    from megatron.core import parallel_state
+
+    layouts = [Layout(f, tp, pp) for (f, tp, pp) in job["paths"]]
+    paths = {Layout(f, tp, pp): Path(p) for (f, tp, pp), p in job["paths"].items()}
+    # Every (tp, 1) configuration is needed: as layouts, as the oracle (tp=1) and as the weight
+    # source of the (tp, pp>1) stage models. PP=1 configurations run first.
+    configs = sorted(
+        {(1, 1)} | {(lay.tp, 1) for lay in layouts} | {(lay.tp, lay.pp) for lay in layouts},
+        key=lambda c: (c[1], c[0]),
+    )
+    pp1_state: dict[int, dict[str, Any]] = {}  # tp -> this rank's TP shard, PP=1
+
+    for tp, pp in configs:
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            create_gloo_process_groups=False,
+        )
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        model = _build_model(job, tp, pp)
+        if pp == 1:
+            assert rank % tp == tp_rank  # default "tp-cp-ep-dp-pp" order keeps tp fastest
+            pp1_state[tp] = dict(model.state_dict())
+        else:
+            offset = pp_rank * (job["hp"]["num_layers"] // pp)
+            model.load_state_dict(_stage_state(model, pp1_state[tp], offset), strict=True)
+
+        if (tp, pp) == (1, 1) and rank == 0:
+            torch.save(_oracle_logits(model, job["tokens"]), job["oracle_file"])
+
+        for layout in layouts:
+            if (layout.tp, layout.pp) != (tp, pp):
+                continue
+            args = megatron_args(job, layout)
+            if layout.format == "legacy":
+                if dp_rank == 0:
+                    save_legacy(model, args, job, paths[layout], tp_rank, pp_rank, pp)
+            else:
+                save_torch_dist(model, args, job, paths[layout])
+        del model
+
+
+def _transformer_config(job: dict[str, Any], tp: int, pp: int):
+    from megatron.core.transformer import TransformerConfig
+
+    hp = job["hp"]
+    dtype = job["dtype"]
+    return TransformerConfig(
+        num_layers=hp["num_layers"],
+        hidden_size=hp["hidden_size"],
+        ffn_hidden_size=hp["ffn_hidden_size"],
+        num_attention_heads=hp["num_attention_heads"],
+        num_query_groups=hp["num_query_groups"],
+        kv_channels=hp["kv_channels"],
+        normalization=hp["normalization"],
+        layernorm_epsilon=hp["norm_epsilon"],
+        layernorm_zero_centered_gamma=hp["apply_layernorm_1p"],
+        gated_linear_unit=hp["swiglu"],
+        activation_func=torch.nn.functional.silu if hp["swiglu"] else _gelu,
+        bias_activation_fusion=False,
+        add_bias_linear=hp["add_bias_linear"],
+        add_qkv_bias=hp["add_qkv_bias"],
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        init_method_std=0.02,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        pipeline_dtype=dtype,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=False,
+    )
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(x)
+
+
+def _build_model(job: dict[str, Any], tp: int, pp: int):
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    hp = job["hp"]
+    config = _transformer_config(job, tp, pp)
+    spec = get_gpt_layer_local_spec(normalization=hp["normalization"])
+    torch.manual_seed(job["seed"])
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=hp["padded_vocab_size"],
+        max_sequence_length=hp["max_position_embeddings"],
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=False,
+        share_embeddings_and_output_weights=not hp["untie_embeddings_and_output_weights"],
+        position_embedding_type=hp["position_embedding_type"],
+        rotary_percent=hp["rotary_percent"],
+        rotary_base=hp["rotary_base"],
+    )
+    model.eval()
+    return model
+
+
+def _stage_state(
+    model: torch.nn.Module, full: dict[str, torch.Tensor], offset: int
+) -> dict[str, torch.Tensor]:
+    """The PP=1 weights a pipeline-stage model needs, renamed to its stage-local layer numbers."""
+    out = {}
+    for key in model.state_dict():
+        m = LAYER_RE.match(key)
+        src = key
+        if m:
+            src = f"decoder.layers.{int(m.group(1)) + offset}.{key[m.end() :]}"
+        if src not in full and key == "output_layer.weight":
+            src = "embedding.word_embeddings.weight"  # tied embeddings: last stage's copy
+        out[key] = full[src]
+    return out
+
+
+@torch.no_grad()
+def _oracle_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    seq = tokens.numel()
+    input_ids = tokens.view(1, seq)
+    position_ids = torch.arange(seq, dtype=torch.int64).view(1, seq)
+    # Megatron masks: True = masked out; [b, 1, s, s].
+    mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1).view(1, 1, seq, seq)
+    logits = model(input_ids, position_ids, mask)  # [b, s, V]
+    return logits[0].float().contiguous()

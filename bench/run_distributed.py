@@ -7,7 +7,7 @@ moto's server) against the local executor (`porter convert`), on this machine.
    (so it really converts) and s3 runs start with empty source caches. One warm-up run of each
    kind is not counted; then --runs rounds, the four kinds interleaved.
 2. Scaling. A ≈1 GiB legacy Megatron checkpoint (training TP=2: bf16 weights plus Adam's fp32
-   moments, as Megatron-LM saves them) written by megatron-core (tasks/megatron_example.py) in a
+   moments, as Megatron-LM saves them) written by megatron-core (converters/megatron/example.py) in a
    Llama-like shape from bench/synthetic_checkpoint.py, uploaded to moto, converted to TP=4
    s3 → s3 with 1, 2 and 4 worker processes (concurrency 1 each; restarted between configurations,
    each with its own empty source cache, as separate machines would have), and with the same
@@ -794,7 +794,7 @@ def scaling_report(sc: dict[str, Any], cores: int) -> list[str]:
         f"### Scaling: ≈{ob / GiB:.2f} GiB checkpoint, TP={SOURCE_TP} → TP={TP}, "
         "1, 2 and 4 workers",
         "",
-        f"Legacy Megatron checkpoint written by megatron-core (`tasks/megatron_example.py`, "
+        f"Legacy Megatron checkpoint written by megatron-core (`converters/megatron/example.py`, "
         f"{ck['seconds']:.0f} s), training TP={SOURCE_TP}: {len(ck['files'])} "
         f"`model_optim_rng.pt` objects, {ob:,} bytes in all, of which "
         f"{ck['weight_bytes'] / GiB:.3f} GiB are bf16 weights and the rest Adam's fp32 moments "

@@ -81,3 +81,29 @@ def test_a_finished_fan_out_without_its_chord_body_is_found(redis_url):
     rec.step(job, "config", state="RUNNING")
     assert (job, "porter.assemble", "config") not in stalled_chords(rec, 30)  # the body started
     assert rec.mark_once(job, "repaired:config:1") and not rec.mark_once(job, "repaired:config:1")
+
+
+def test_the_reaper_starts_a_stalled_chord_body_once(redis_url):
+    """A real reaper pass sends the body of a stalled fan-out (the kind's own task name) to the
+    cpu queue, once per attempt. (Before the house issue this path raised: `task_id` was not
+    imported in the reaper and a local variable shadowed it.)"""
+    import json
+
+    from config.celery_app import make_app
+    from config.settings import Settings
+    from tasks.ops.reaper import reap
+
+    url = redis_url.rsplit("/", 1)[0] + "/11"  # a database no worker of the session listens on
+    settings = Settings(redis_url=url, stale_after=30, reaper_interval=1)
+    app, rec, job = make_app(settings), records(url), new_job()
+    rec.create(job, "powerinfer-index", {})
+    rec.start(job)
+    rec.update(job, inspected={"layers": ["a", "b"]})
+    for layer in range(2):
+        rec.step(job, f"stats:{layer}", state="SUCCEEDED", finished=time.time() - 100)
+    sent = reap(app, rec, settings)
+    assert sent == [f"{job}:solve-repair:1"]
+    queued = [json.loads(m)["headers"] for m in rec.redis.lrange("cpu", 0, -1)]
+    assert {"task": "porter.index.solve", "id": sent[0]}.items() <= queued[-1].items()
+    rec.redis.delete("porter:reaper")  # the next pass's lock
+    assert reap(app, rec, settings) == []  # repaired once

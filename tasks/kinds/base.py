@@ -135,6 +135,8 @@ class JobKind:
     cli: KindCli
     progress_unit: str = "bytes"  # "bytes" (scaled in progress bars), or what is counted
     after_publish: Callable[[StepContext], None] | None = None  # e.g. remove intermediates
+    # The spec field an export profile fills with the checkpoint that triggered it, if any.
+    checkpoint_field: str | None = None
 
     def parse(self, data: Any) -> Any:
         """The spec in `data` (its JSON form); InvalidSpec names what is wrong."""

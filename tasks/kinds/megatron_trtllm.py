@@ -349,6 +349,7 @@ KIND_SPEC = register(
         published=_published,
         source_summary=source_summary,
         progress=progress,
+        checkpoint_field="source",
         cli=KindCli(
             help="Megatron-LM → TensorRT-LLM checkpoint",
             add_arguments=_add_arguments,

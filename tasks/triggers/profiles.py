@@ -35,6 +35,7 @@ from typing import Any
 from config.settings import read_config_file
 from tasks.jobs.checks import InvalidSpec, check_location
 from tasks.jobs.specs import JobSpec, parse_spec
+from tasks.kinds import DEFAULT_KIND, all_kinds
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ITERATION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -83,8 +84,9 @@ class Profile:
             "checkpoint": checkpoint.rstrip("/"),
         }
         data = _format(export.template, values)
-        if data.get("kind", "megatron-trtllm") == "megatron-trtllm":
-            data.setdefault("source", checkpoint)
+        kind = all_kinds().get(data.get("kind", DEFAULT_KIND))
+        if kind is not None and kind.checkpoint_field:  # (an unknown kind: parse_spec says so)
+            data.setdefault(kind.checkpoint_field, checkpoint)
         if "output" not in data and self.output is not None:
             data["output"] = _format(self.output, values)
         try:

@@ -32,6 +32,19 @@ def human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def bytes_progress(record: dict[str, Any], step: str, plan: str) -> tuple[int, int]:
+    """(bytes written so far, bytes to write) over the fan-out steps `{step}:i` of a job record,
+    each planned as `inspected[plan][i]["bytes_written"]`."""
+    entries = (record.get("inspected") or {}).get(plan, [])
+    planned = {f"{step}:{i}": entry["bytes_written"] for i, entry in enumerate(entries)}
+    done = 0
+    for name, state in record.get("steps", {}).items():
+        if name in planned:
+            finished = state.get("state") == "SUCCEEDED"
+            done += planned[name] if finished else int(state.get("done", 0))
+    return done, sum(planned.values())
+
+
 def local_location(text: str, what: str) -> str:
     """A location from the command line: an s3:// URI as given, a local path made absolute;
     checked (NUL, '..', bucket names)."""

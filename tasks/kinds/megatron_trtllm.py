@@ -30,7 +30,16 @@ from tasks.jobs.checks import InvalidSpec, check_bool, check_fields, check_int, 
 from tasks.jobs.ids import identity_digest, job_id, output_tag, tag_digest
 from tasks.jobs.outputs import artifact_result
 from tasks.kinds import register
-from tasks.kinds.base import JobKind, KindCli, Phase, Step, StepContext, human, local_location
+from tasks.kinds.base import (
+    JobKind,
+    KindCli,
+    Phase,
+    Step,
+    StepContext,
+    bytes_progress,
+    human,
+    local_location,
+)
 from tasks.ops.memory import PeakAnonSampler, peak_rss_bytes, reset_peak_rss
 from tasks.storage import sources
 from tasks.storage.store import open_store
@@ -179,19 +188,6 @@ def _published(ctx: StepContext) -> list[dict[str, Any]]:
         for r in range(world):
             files.extend(results[f"engine:{r}"]["files"])
     return files
-
-
-def progress(record: dict[str, Any]) -> tuple[int, int]:
-    """(bytes written so far, bytes to write) over the rank steps of a job record."""
-    planned = {
-        f"reshard:{r['rank']}": r["bytes_written"]
-        for r in (record.get("inspected") or {}).get("ranks", [])
-    }
-    done = 0
-    for name, step in record.get("steps", {}).items():
-        if name in planned:
-            done += planned[name] if step.get("state") == "SUCCEEDED" else int(step.get("done", 0))
-    return done, sum(planned.values())
 
 
 def _engine_builder_problem() -> str | None:
@@ -348,7 +344,7 @@ KIND_SPEC = register(
         phases=(RESHARD, ENGINES),
         published=_published,
         source_summary=source_summary,
-        progress=progress,
+        progress=lambda record: bytes_progress(record, "reshard", "ranks"),
         checkpoint_field="source",
         cli=KindCli(
             help="Megatron-LM → TensorRT-LLM checkpoint",

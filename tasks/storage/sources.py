@@ -15,6 +15,7 @@ so far, which the ordinary readers (`open_checkpoint`) open unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from config.settings import Settings
@@ -26,6 +27,7 @@ from converters.megatron.layout import (
     open_checkpoint,
     resolve_iteration_dir,
 )
+from converters.tensors import LazyTensor
 from converters.trtllm.plan import Target, rank_tensors
 from tasks.jobs.ids import identity_digest
 from tasks.storage.base import ArtifactStore
@@ -74,10 +76,28 @@ def open_source_for_rank(
     coalesce_gap: int | None = None,
     expected_digest: str | None = None,
 ) -> tuple[SourceCheckpoint, FetchStats]:
-    """Like `open_source`, then fetch every byte range `rank_tensors(source, target, rank)` reads.
-    Returns the checkpoint and what this call fetched (local paths: zeros). With
-    `expected_digest` (the `identity_digest` the job was planned with), a source that changed
-    since then raises SourceChanged instead of being converted under the old plan."""
+    """`open_source_for` the tensors of TensorRT-LLM rank `rank` of `target`."""
+    return open_source_for(
+        uri,
+        lambda source: [t.source for t in rank_tensors(source, target, rank)],
+        cache_dir,
+        coalesce_gap=coalesce_gap,
+        expected_digest=expected_digest,
+    )
+
+
+def open_source_for(
+    uri: str,
+    reads: Callable[[SourceCheckpoint], list[LazyTensor]],
+    cache_dir: Path | None = None,
+    *,
+    coalesce_gap: int | None = None,
+    expected_digest: str | None = None,
+) -> tuple[SourceCheckpoint, FetchStats]:
+    """Like `open_source`, then fetch every byte range the lazy tensors `reads(source)` read (a
+    rank's or a shard's plan). Returns the checkpoint and what this call fetched (local paths:
+    zeros). With `expected_digest` (the `identity_digest` the job was planned with), a source that
+    changed since then raises SourceChanged instead of being converted under the old plan."""
     if not _is_s3(uri):
         if expected_digest is not None:
             _check_digest(uri, source_identity(uri), expected_digest)
@@ -90,7 +110,7 @@ def open_source_for_rank(
     mirror.fetch_metadata(stats)
     planned = mirror.open()
     with mirror.naming():
-        ranges = [r for t in rank_tensors(planned, target, rank) for r in t.source.file_ranges()]
+        ranges = [r for tensor in reads(planned) for r in tensor.file_ranges()]
     mirror.fetch(ranges, stats)
     return mirror.open(), stats  # mapped afresh, after the bytes arrived
 

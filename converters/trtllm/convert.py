@@ -41,7 +41,8 @@ class RankResult:
     nonfinite: list[dict] = field(default_factory=list)
 
 
-def _converted(tensor: OutputTensor, dtype: torch.dtype) -> torch.Tensor:
+def converted(tensor: OutputTensor, dtype: torch.dtype) -> torch.Tensor:
+    """Read a planned tensor and cast it to `dtype` (adding 1 to zero-centred norm weights)."""
     data = tensor.source.materialize()
     if tensor.add_one:
         return (data.float() + 1.0).to(dtype)
@@ -84,9 +85,11 @@ def source_files(source: SourceCheckpoint, tensor: OutputTensor) -> list[str]:
     return names or [root]
 
 
-def _check_finite(
-    source: SourceCheckpoint, target: Target, tensor: OutputTensor, data: torch.Tensor
+def check_finite(
+    source: SourceCheckpoint, policy: str, tensor: OutputTensor, data: torch.Tensor
 ) -> dict | None:
+    """None when `data` is finite; else, by `policy` ("warn" | "error", see `Target.nonfinite`),
+    a {"tensor", "count", "files"} record (logged as a warning) or `NonFiniteWeights`."""
     count = count_nonfinite(data)
     if not count:
         return None
@@ -95,7 +98,7 @@ def _check_finite(
         f"{tensor.name} has {count} NaN or infinite value(s) of {data.numel()} "
         f"(as {str(data.dtype).removeprefix('torch.')}), read from {', '.join(files)}"
     )
-    if target.nonfinite == "error":
+    if policy == "error":
         raise NonFiniteWeights(f"{what}; refused (nonfinite=error)", files[0])
     log.warning("%s", what)
     return {"tensor": tensor.name, "count": count, "files": files}
@@ -122,12 +125,12 @@ def convert_rank(
     nonfinite = []
     with SafetensorsWriter(path, specs, metadata={"format": "pt"}) as writer:
         for tensor, spec in zip(tensors, specs, strict=True):
-            data = _converted(tensor, dtype)
+            data = converted(tensor, dtype)
             writer.write(tensor.name, data)
             # Checked once written: summing first, while the bytes are still being paged in
             # from the source, made conversions up to twice as slow (measured); a refused
             # tensor fails the rank, whose file is then discarded.
-            if found := _check_finite(source, target, tensor, data):
+            if found := check_finite(source, target.nonfinite, tensor, data):
                 nonfinite.append(found)
             del data
             read += tensor.source.source_nbytes

@@ -14,7 +14,11 @@ from typing import Any
 from tasks.jobs.checks import InvalidSpec
 from tasks.kinds.base import JobKind
 
-KIND_MODULES = ("tasks.kinds.megatron_trtllm", "tasks.kinds.powerinfer_index")
+KIND_MODULES = (
+    "tasks.kinds.megatron_trtllm",
+    "tasks.kinds.megatron_hf",
+    "tasks.kinds.powerinfer_index",
+)
 DEFAULT_KIND = "megatron-trtllm"  # a spec without `kind` (records and hooks of older releases)
 
 _KINDS: dict[str, JobKind] = {}

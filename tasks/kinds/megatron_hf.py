@@ -1,0 +1,342 @@
+"""The Megatron → Hugging Face layout job kind: what transformers, vLLM, SGLang and TensorRT-LLM's
+PyTorch backend load (`config.json`, `generation_config.json`, `model.safetensors` or
+`model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`).
+
+    inspect ─► write shard s (fan-out) ─► config + index ─► publish
+
+HF checkpoints are unsharded by TP: each output tensor merges the source's TP shards. The plan
+assigns tensors to shard files in model order up to `--max-shard-size`; a shard step holds one
+tensor at a time and fetches from S3 only the byte ranges its tensors read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from converters.errors import ConversionError
+from converters.hf.config import generation_config, hf_config, shard_index
+from converters.hf.convert import convert_shard
+from converters.hf.families import family_for
+from converters.hf.plan import HfTarget, check_target, hf_tensors, plan_shards
+from converters.model import DTYPES, ModelConfig
+from converters.trtllm.plan import NONFINITE_POLICIES
+from tasks.jobs.checks import InvalidSpec, check_fields, check_int, check_location, show
+from tasks.jobs.ids import identity_digest, job_id, output_tag, tag_digest
+from tasks.jobs.outputs import artifact_result
+from tasks.kinds import register
+from tasks.kinds.base import (
+    JobKind,
+    KindCli,
+    Phase,
+    Step,
+    StepContext,
+    bytes_progress,
+    human,
+    local_location,
+)
+from tasks.ops.memory import PeakAnonSampler, peak_rss_bytes, reset_peak_rss
+from tasks.storage import sources
+from tasks.storage.store import open_store
+
+KIND = "megatron-hf"
+DEFAULT_SHARD_BYTES = 5 * 10**9  # save_pretrained's default, "5GB"
+MAX_VOCAB = 2**31 - 1
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size written as Hugging Face's `max_shard_size` takes it: `5GB` (10^9),
+    `500MB`, `100KB`, `2GiB` (2^30), or a plain integer of bytes."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ConversionError(f"--max-shard-size {text!r:.40}: give bytes, or e.g. 5GB, 500MB")
+    return int(match.group(1)) * _UNITS[(match.group(2) or "").upper()]
+
+
+@dataclass(frozen=True)
+class HfSpec:
+    """A Megatron → Hugging Face layout conversion: JSON-serialisable, the unit of work of a job."""
+
+    source: str
+    output: str
+    dtype: str | None = None
+    max_shard_size: int = DEFAULT_SHARD_BYTES
+    architecture: str | None = None
+    vocab_size: int | None = None
+    kind: str = KIND
+    nonfinite: str = "warn"
+
+    def __post_init__(self) -> None:
+        if self.kind != KIND:
+            raise InvalidSpec(f"kind must be {KIND!r}, got {show(self.kind)}")
+        check_location(self.source, "SOURCE")
+        check_location(self.output, "OUTPUT")
+        if self.output == self.source or self.output.startswith(self.source.rstrip("/") + "/"):
+            raise InvalidSpec(f"OUTPUT {show(self.output)} lies inside SOURCE")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise InvalidSpec(f"dtype {show(self.dtype)} is not one of {', '.join(DTYPES)}")
+        check_int(self.max_shard_size, "max_shard_size", 1, 2**62)
+        if self.architecture is not None and (
+            not isinstance(self.architecture, str)
+            or not re.fullmatch(r"\w{1,100}", self.architecture)
+        ):
+            raise InvalidSpec(f"architecture {show(self.architecture)} is not a class name")
+        if self.vocab_size is not None:
+            check_int(self.vocab_size, "vocab_size", 1, MAX_VOCAB)
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise InvalidSpec(
+                f"nonfinite {show(self.nonfinite)} is not one of {', '.join(NONFINITE_POLICIES)}"
+            )
+
+    @property
+    def target(self) -> HfTarget:
+        return HfTarget(
+            dtype=self.dtype,
+            max_shard_bytes=self.max_shard_size,
+            vocab_size=self.vocab_size,
+            architecture=self.architecture,
+            nonfinite=self.nonfinite,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> HfSpec:
+        """A spec from its JSON form; unknown, missing or mistyped fields are InvalidSpec."""
+        return cls(**check_fields(data, cls, ("source", "output"), "the job spec"))
+
+
+def inspect_source(spec: HfSpec) -> dict[str, Any]:
+    """Read the source's metadata only: format, model config, identity, the shard plan."""
+    identity = sources.source_identity(spec.source)
+    source = sources.open_source(spec.source)
+    try:
+        check_target(source.config, spec.target)
+        shards = plan_shards(source, spec.target)
+    except ConversionError as exc:
+        if exc.path is None:  # name the checkpoint that does not fit
+            raise type(exc)(str(exc), spec.source) from None
+        raise
+    job, digest = job_id(spec, identity), identity_digest(identity)
+    return {
+        "job_id": job,
+        "tag": output_tag(job, digest),
+        "source_digest": digest,
+        "format": source.format,
+        "source_tp": source.tp,
+        "source_pp": source.pp,
+        "architecture": family_for(source.config, spec.architecture).architecture,
+        "config": source.config.to_dict(),
+        "files": [entry[0] for entry in identity],
+        "source_bytes": sum(entry[1] for entry in identity),
+        "shards": [asdict(shard) for shard in shards],
+    }
+
+
+def convert_shard_step(
+    spec: HfSpec, tag: str, shard: dict[str, Any], progress: Any = None
+) -> dict[str, Any]:
+    """Write one planned shard file to OUTPUT (fetching only the source bytes it reads)."""
+    store = open_store(spec.output)
+    key, index, names = shard["file"], shard["index"], set(shard["tensors"])
+    done = artifact_result(store, key, tag)
+    if done:  # a re-delivered, retried or resumed step
+        zero = ("bytes_read", "bytes_fetched", "peak_anon_bytes", "peak_rss_bytes")
+        return {"shard": index, "seconds": 0.0, "nonfinite": [], **dict.fromkeys(zero, 0), **done}
+    source, fetched = sources.open_source_for(
+        spec.source,
+        lambda s: [t.source for t in hf_tensors(s, spec.target) if t.name in names],
+        expected_digest=tag_digest(tag),
+    )
+    reset_peak_rss()
+    with store.scratch(key) as tmp, PeakAnonSampler() as sampler:
+        result = convert_shard(source, spec.target, index, tmp, progress)
+        store.put_file(tmp, key, sha256=result.sha256, tag=tag, move=True)
+    return {
+        "shard": index,
+        "file": key,
+        "bytes_written": result.bytes_written,
+        "bytes_read": result.bytes_read,
+        "sha256": result.sha256,
+        "seconds": result.seconds,
+        "nonfinite": result.nonfinite,
+        "bytes_fetched": fetched.bytes_fetched,
+        "peak_anon_bytes": sampler.peak,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "pid": os.getpid(),
+        "reused": False,
+    }
+
+
+def _put_json(spec: HfSpec, tag: str, key: str, data: dict[str, Any]) -> dict[str, Any]:
+    store = open_store(spec.output)
+    body = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    sha = hashlib.sha256(body).hexdigest()
+    with store.scratch(key) as tmp:
+        tmp.write_bytes(body)
+        store.put_file(tmp, key, sha256=sha, tag=tag, move=True)
+    return {"file": key, "bytes_written": len(body), "sha256": sha}
+
+
+def write_config_step(spec: HfSpec, tag: str, inspected: dict[str, Any]) -> dict[str, Any]:
+    """Write `config.json`, `generation_config.json` and, for several shards, the index."""
+    config = ModelConfig(**inspected["config"])
+    files = [
+        _put_json(spec, tag, "config.json", hf_config(config, spec.target)),
+        _put_json(spec, tag, "generation_config.json", generation_config(config)),
+    ]
+    shards = inspected["shards"]
+    if len(shards) > 1:
+        index = shard_index(shards)
+        files.append(_put_json(spec, tag, "model.safetensors.index.json", index))
+    return {"files": files, "bytes_written": sum(f["bytes_written"] for f in files)}
+
+
+def source_summary(inspected: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest records about the Megatron source."""
+    keys = ("format", "source_tp", "source_pp", "architecture", "source_bytes", "source_digest")
+    return {k: inspected[k] for k in keys}
+
+
+def _published(ctx: StepContext) -> list[dict[str, Any]]:
+    results = ctx.results()
+    shards = [results[f"shard:{i}"] for i in range(len(ctx.inspected["shards"]))]
+    return shards + results["config"]["files"]
+
+
+SHARDS = Phase(
+    step="shard",
+    task="porter.hf.shard",
+    count="shards",
+    run=lambda ctx, i: convert_shard_step(
+        ctx.spec, ctx.tag, ctx.inspected["shards"][i], ctx.progress
+    ),
+    body_task="porter.hf.assemble",
+    body_id="assemble",
+    then=Step("config", lambda ctx: write_config_step(ctx.spec, ctx.tag, ctx.inspected)),
+    cost=lambda inspected, i: (
+        inspected["shards"][i]["peak_bytes"],
+        inspected["shards"][i]["bytes_written"],
+    ),
+)
+
+# ── the command line ──────────────────────────────────────────────────────────────────────────
+
+
+def _add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    where = "a path the workers see" if command == "submit" else "a local path"
+    parser.add_argument(
+        "source",
+        help=f"Megatron checkpoint (root or iteration directory; legacy or torch_dist): "
+        f"s3://bucket/prefix or {where}",
+    )
+    if command != "plan":
+        parser.add_argument("output", help=f"output (must be empty): s3://bucket/prefix or {where}")
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), help="output dtype (default: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest weight file, as save_pretrained takes it: 5GB, 500MB, 2GiB or bytes "
+        "(default 5GB)",
+    )
+    parser.add_argument(
+        "--architecture", help="HF architecture (default: inferred, e.g. LlamaForCausalLM)"
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        help="keep the first N vocab rows (default: Megatron's padded rows)",
+    )
+    parser.add_argument(
+        "--nonfinite",
+        choices=["warn", "error"],
+        default="warn",
+        help="NaN/infinite weights: list them in the summary (warn, default) or fail (error)",
+    )
+
+
+def _spec_from_args(args: argparse.Namespace) -> HfSpec:
+    output = getattr(args, "output", "-")
+    return HfSpec(
+        source=local_location(args.source, "SOURCE"),
+        output=output if output == "-" else local_location(output, "OUTPUT"),
+        dtype=args.dtype,
+        max_shard_size=parse_size(args.max_shard_size),
+        architecture=args.architecture,
+        vocab_size=args.vocab_size,
+        nonfinite=args.nonfinite,
+    )
+
+
+def _report(spec: HfSpec, summary: Any) -> None:
+    """The closing summary of `porter convert megatron-hf`."""
+    rate = summary.bytes_written / summary.seconds / 1e9 if summary.seconds else 0.0
+    print(f"converted {spec.source} -> {summary.output} (Hugging Face layout) job {summary.job_id}")
+    print(
+        f"{summary.seconds:.2f} s, {summary.workers} worker(s); read {human(summary.bytes_read)}, "
+        f"wrote {human(summary.bytes_written)} ({rate:.2f} GB/s)"
+    )
+    print(f"{'bytes':>12}  {'seconds':>8}  {'peak anon':>11}  sha256            file")
+    for r in summary.fanned("shard"):
+        print(
+            f"{human(r['bytes_written']):>12}  {r['seconds']:>8.2f}  "
+            f"{human(r['peak_anon_bytes']):>11}  {r['sha256'][:16]}  {r['file']}"
+            + ("  (reused)" if r.get("reused") else "")
+        )
+        for found in r.get("nonfinite", []):
+            print(
+                f"warning: {found['tensor']} has {found['count']} NaN/infinite value(s) "
+                f"(from {', '.join(found['files'])}); --nonfinite error refuses them",
+                file=sys.stderr,
+            )
+
+
+def _print_plan(inspected: dict[str, Any]) -> None:
+    """`porter plan megatron-hf`: per shard, its tensors and what it reads, writes and holds."""
+    cfg = inspected["config"]
+    print(
+        f"{inspected['format']} checkpoint, training TP={inspected['source_tp']} "
+        f"PP={inspected['source_pp']} -> {inspected['architecture']}, {cfg['num_layers']} layers, "
+        f"hidden {cfg['hidden_size']}; source files {human(inspected['source_bytes'])}"
+    )
+    print(f"{'tensors':>7}  {'reads':>12}  {'writes':>12}  {'peak memory':>12}  file")
+    for s in inspected["shards"]:
+        print(
+            f"{len(s['tensors']):>7}  {human(s['bytes_read']):>12}  "
+            f"{human(s['bytes_written']):>12}  {human(s['peak_bytes']):>12}  {s['file']}"
+        )
+
+
+KIND_SPEC = register(
+    JobKind(
+        name=KIND,
+        spec_type=HfSpec,
+        identity=lambda spec: sources.source_identity(spec.source),
+        inspect=inspect_source,
+        phases=(SHARDS,),
+        published=_published,
+        source_summary=source_summary,
+        progress=lambda record: bytes_progress(record, "shard", "shards"),
+        checkpoint_field="source",
+        cli=KindCli(
+            help="Megatron-LM → Hugging Face layout (transformers, vLLM, SGLang, TensorRT-LLM)",
+            add_arguments=_add_arguments,
+            spec_from_args=_spec_from_args,
+            report=_report,
+            print_plan=_print_plan,
+            describe=lambda spec: f"{spec['source']} -> {spec['output']} (Hugging Face layout)",
+        ),
+    )
+)

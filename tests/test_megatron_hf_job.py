@@ -79,3 +79,71 @@ def test_queued_s3_job_equals_the_local_conversion(cluster, s3_env, megatron, tm
     assert manifest["job_id"] == job and {f["path"] for f in manifest["files"]} == set(got)
     status = cluster.porter("status", job)
     assert "Hugging Face layout" in status.stdout and "SUCCEEDED" in status.stdout
+
+
+def write_tokenizer(directory, size: int) -> None:
+    """A small word-level tokenizer of `size` ids, saved by the `tokenizers` library."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2} | {f"w{i}": i for i in range(3, size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    directory.mkdir(parents=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "tokenizer_class": "PreTrainedTokenizerFast"}  # fmt: skip
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    (directory / "notes.txt").write_text("not a tokenizer file: left behind")
+
+
+def test_tokenizer_passthrough_and_vocab_trimming(megatron, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    fixture = megatron("llama")  # 102 padded vocab rows
+    write_tokenizer(tmp_path / "tok", 100)
+    out = tmp_path / "hf"
+    args = ["convert", "megatron-hf", str(fixture.paths[LEGACY_TP2]), str(out), "--quiet"]
+    assert main([*args, "--tokenizer", str(tmp_path / "tok"), "--vocab-size", "100"]) == 0
+    assert not (out / "notes.txt").exists()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer) == 100 and tokenizer.convert_tokens_to_ids("w7") == 7
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["bos_token_id"] == 0 and generation["eos_token_id"] == 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == 100
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(fixture.tokens[None, :]).logits[0]
+    assert logits.shape[-1] == 100  # the first 100 rows of Megatron's padded 102
+    assert torch.allclose(logits, fixture.logits[:, :100].float(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--vocab-size", "103"], "103"),  # more rows than the checkpoint stores
+        (
+            ["--tokenizer", "{tok}", "--vocab-size", "50"],
+            "100 token ids, more than --vocab-size 50",
+        ),
+        (["--tokenizer", "{empty}"], "holds no tokenizer"),
+        (["--tokenizer", "{broken}"], "does not parse as JSON"),
+        (["--max-shard-size", "10KB"], "--max-shard-size"),
+    ],
+)
+def test_bad_hf_options_are_refused_before_anything_is_written(
+    megatron, tmp_path, capsys, extra, message
+):
+    write_tokenizer(tmp_path / "tok", 100)
+    (tmp_path / "empty").mkdir()
+    write_tokenizer(tmp_path / "broken", 10)
+    (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
+    places = {"tok": tmp_path / "tok", "empty": tmp_path / "empty", "broken": tmp_path / "broken"}
+    extra = [e.format(**places) for e in extra]
+    source = megatron("llama").paths[LEGACY_TP2]
+    out = tmp_path / "hf"
+    assert main(["convert", "megatron-hf", str(source), str(out), "--quiet", *extra]) == 1
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1, error
+    assert not out.exists()

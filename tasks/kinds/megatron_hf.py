@@ -17,7 +17,9 @@ import json
 import os
 import re
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from converters.errors import ConversionError
@@ -25,6 +27,13 @@ from converters.hf.config import generation_config, hf_config, shard_index
 from converters.hf.convert import convert_shard
 from converters.hf.families import family_for
 from converters.hf.plan import HfTarget, check_target, hf_tensors, plan_shards
+from converters.hf.tokenizer import (
+    MAX_TOKENIZER_BYTES,
+    TOKENIZER_FILES,
+    BadTokenizer,
+    TokenizerInfo,
+    read_tokenizer,
+)
 from converters.model import DTYPES, ModelConfig
 from converters.trtllm.plan import NONFINITE_POLICIES
 from tasks.jobs.checks import InvalidSpec, check_fields, check_int, check_location, show
@@ -72,6 +81,7 @@ class HfSpec:
     max_shard_size: int = DEFAULT_SHARD_BYTES
     architecture: str | None = None
     vocab_size: int | None = None
+    tokenizer: str | None = None  # a directory (or s3:// prefix) of tokenizer files to copy
     kind: str = KIND
     nonfinite: str = "warn"
 
@@ -92,6 +102,8 @@ class HfSpec:
             raise InvalidSpec(f"architecture {show(self.architecture)} is not a class name")
         if self.vocab_size is not None:
             check_int(self.vocab_size, "vocab_size", 1, MAX_VOCAB)
+        if self.tokenizer is not None:
+            check_location(self.tokenizer, "TOKENIZER")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise InvalidSpec(
                 f"nonfinite {show(self.nonfinite)} is not one of {', '.join(NONFINITE_POLICIES)}"
@@ -127,8 +139,10 @@ def inspect_source(spec: HfSpec) -> dict[str, Any]:
         if exc.path is None:  # name the checkpoint that does not fit
             raise type(exc)(str(exc), spec.source) from None
         raise
+    tokenizer = _check_tokenizer(spec, source.config.vocab_size)
     job, digest = job_id(spec, identity), identity_digest(identity)
     return {
+        "tokenizer": tokenizer,
         "job_id": job,
         "tag": output_tag(job, digest),
         "source_digest": digest,
@@ -141,6 +155,41 @@ def inspect_source(spec: HfSpec) -> dict[str, Any]:
         "source_bytes": sum(entry[1] for entry in identity),
         "shards": [asdict(shard) for shard in shards],
     }
+
+
+def _fetch_tokenizer(uri: str, directory: Path) -> TokenizerInfo:
+    """Copy the tokenizer files at `uri` (a directory or s3:// prefix) into `directory`, checked."""
+    store = open_store(uri)
+    present = set(store.list())
+    for name in TOKENIZER_FILES:
+        if name in present:
+            art = store.stat(name)
+            if art is not None and art.bytes > MAX_TOKENIZER_BYTES:
+                raise BadTokenizer(
+                    f"is {art.bytes} bytes; too large for a tokenizer", store.uri(name)
+                )
+            store.get_file(name, directory / name)
+    try:
+        return read_tokenizer(directory)
+    except ConversionError as exc:  # name the files as the user gave them, not the copies
+        message = str(exc).removeprefix(f"{exc.path}: ") if exc.path else str(exc)
+        name = Path(exc.path).name if exc.path and Path(exc.path) != directory else ""
+        raise type(exc)(message, store.uri(name)) from None
+
+
+def _check_tokenizer(spec: HfSpec, rows: int) -> dict[str, Any] | None:
+    """The `--tokenizer` files, checked to parse and to fit the vocab that will be written."""
+    if spec.tokenizer is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="porter-tokenizer-") as tmp:
+        info = _fetch_tokenizer(spec.tokenizer, Path(tmp))
+    vocab = spec.vocab_size or rows
+    if info.size is not None and info.size > vocab:
+        what = f"--vocab-size {vocab}" if spec.vocab_size else f"the checkpoint's {rows} vocab rows"
+        raise BadTokenizer(
+            f"has {info.size} token ids, more than {what}", open_store(spec.tokenizer).uri()
+        )
+    return asdict(info)
 
 
 def convert_shard_step(
@@ -188,12 +237,26 @@ def _put_json(spec: HfSpec, tag: str, key: str, data: dict[str, Any]) -> dict[st
     return {"file": key, "bytes_written": len(body), "sha256": sha}
 
 
+def _copy_tokenizer(spec: HfSpec, tag: str, files: list[str]) -> list[dict[str, Any]]:
+    source, out, copied = open_store(spec.tokenizer or ""), open_store(spec.output), []
+    for name in files:
+        with out.scratch(name) as tmp:
+            source.get_file(name, tmp)
+            art = out.put_file(tmp, name, tag=tag, move=True)
+        copied.append({"file": name, "bytes_written": art.bytes, "sha256": art.sha256})
+    return copied
+
+
 def write_config_step(spec: HfSpec, tag: str, inspected: dict[str, Any]) -> dict[str, Any]:
-    """Write `config.json`, `generation_config.json` and, for several shards, the index."""
+    """Write `config.json`, `generation_config.json`, the tokenizer files (`--tokenizer`) and, for
+    several shards, the index."""
     config = ModelConfig(**inspected["config"])
+    tokenizer = inspected.get("tokenizer") or {}
+    special = {k: tokenizer.get(k) for k in ("bos_token_id", "eos_token_id")}
     files = [
         _put_json(spec, tag, "config.json", hf_config(config, spec.target)),
-        _put_json(spec, tag, "generation_config.json", generation_config(config)),
+        _put_json(spec, tag, "generation_config.json", generation_config(config, **special)),
+        *_copy_tokenizer(spec, tag, tokenizer.get("files", [])),
     ]
     shards = inspected["shards"]
     if len(shards) > 1:
@@ -260,6 +323,11 @@ def _add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         help="keep the first N vocab rows (default: Megatron's padded rows)",
     )
     parser.add_argument(
+        "--tokenizer",
+        help="directory (or s3:// prefix) of tokenizer files to copy next to the weights "
+        "(checked: they parse, and the tokenizer fits the vocab)",
+    )
+    parser.add_argument(
         "--nonfinite",
         choices=["warn", "error"],
         default="warn",
@@ -276,6 +344,7 @@ def _spec_from_args(args: argparse.Namespace) -> HfSpec:
         max_shard_size=parse_size(args.max_shard_size),
         architecture=args.architecture,
         vocab_size=args.vocab_size,
+        tokenizer=None if args.tokenizer is None else local_location(args.tokenizer, "TOKENIZER"),
         nonfinite=args.nonfinite,
     )
 

@@ -36,6 +36,11 @@ class ModelConfig:
     add_bias_linear: bool
     add_qkv_bias: bool
     dtype: str  # "float32" | "float16" | "bfloat16": how the weights are stored
+    # Newer features default to "absent", so configs recorded before them still construct.
+    # qk_layernorm: a norm over each query and key head (Qwen3-style), weights of size d.
+    qk_layernorm: bool = False
+    # Llama-3.1 RoPE scaling (megatron-core's `_apply_scaling`): the factor, None when off.
+    rope_scaling_factor: float | None = None
 
     @property
     def heads_per_group(self) -> int:
@@ -64,6 +69,14 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+# Llama-3.1 RoPE scaling as megatron-core applies it (`RotaryEmbedding._apply_scaling`): only the
+# factor is configurable (`--rope-scaling-factor`); these are its fixed keyword defaults.
+LLAMA3_ROPE_CONSTANTS: dict[str, float | int] = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

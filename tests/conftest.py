@@ -22,6 +22,16 @@ LAYOUTS = (
     Layout("torch_dist", 2, 1),
 )
 
+# The dense Hugging Face families: each layout the readers distinguish, written once.
+HF_LAYOUTS = (
+    Layout("legacy", 1, 1),
+    Layout("legacy", 2, 1),
+    Layout("legacy", 1, 2),
+    Layout("torch_dist", 2, 1),
+)
+# 48 tokens: enough positions for Llama-3.1 RoPE scaling to move the logits (see test_hf_families).
+HF_SEQ_LEN = 48
+
 # name → (family, layouts, keyword arguments of write_example_checkpoints)
 FIXTURE_SETS: dict[str, tuple[str, tuple[Layout, ...], dict]] = {
     "llama": ("llama", LAYOUTS, {}),
@@ -32,6 +42,9 @@ FIXTURE_SETS: dict[str, tuple[str, tuple[Layout, ...], dict]] = {
         (Layout("legacy", 2, 1),),
         {"transformer_engine_names": True, "dtype": torch.bfloat16},
     ),
+    "llama31": ("llama31", HF_LAYOUTS, {"seq_len": HF_SEQ_LEN}),
+    "qwen2": ("qwen2", HF_LAYOUTS, {"seq_len": HF_SEQ_LEN}),
+    "qwen3": ("qwen3", HF_LAYOUTS, {"seq_len": HF_SEQ_LEN}),
 }
 
 

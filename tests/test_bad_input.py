@@ -160,13 +160,29 @@ def test_unknown_parameter_names_are_listed(capsys, llama_tp2, tmp_path):
 
 @pytest.mark.parametrize(
     ("argument", "value", "feature"),
-    [("num_experts", 8, "mixture-of-experts"), ("qk_layernorm", True, "qk-layernorm")],
+    [("num_experts", 8, "mixture-of-experts"), ("rotary_interleaved", True, "interleaved rotary")],
 )
 def test_unsupported_feature_says_so(capsys, llama_tp2, tmp_path, argument, value, feature):
     path = llama_tp2 / "iter_0000010/mp_rank_00/model_optim_rng.pt"
     rewrite(path, lambda payload: setattr(payload["args"], argument, value))
     code, err = run_convert(capsys, llama_tp2, tmp_path / "out", "--tp", "2")
     assert_failed_cleanly(code, err, tmp_path / "out", str(path), feature, "not supported")
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "feature"),
+    [("qk_layernorm", True, "qk-layernorm"), ("use_rope_scaling", True, "RoPE scaling")],
+)
+def test_feature_only_the_hf_layout_writes_is_refused_for_tensorrt_llm(
+    capsys, llama_tp2, tmp_path, argument, value, feature
+):
+    """Porter reads these (the Hugging Face layout writes them); its TensorRT-LLM target does not."""
+    path = llama_tp2 / "iter_0000010/mp_rank_00/model_optim_rng.pt"
+    rewrite(path, lambda payload: setattr(payload["args"], argument, value))
+    code, err = run_convert(capsys, llama_tp2, tmp_path / "out", "--tp", "2")
+    assert_failed_cleanly(
+        code, err, tmp_path / "out", str(llama_tp2), feature, "not supported", "TensorRT-LLM"
+    )
 
 
 def test_output_not_empty_is_refused_and_left_alone(capsys, llama_tp2, tmp_path):

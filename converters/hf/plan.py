@@ -1,10 +1,11 @@
 """Which tensors a Hugging Face checkpoint holds, under which names, in which shard file.
 
 HF checkpoints are unsharded by tensor parallelism: every tensor is the merge of the source's TP
-shards. The TensorRT-LLM plan for TP=1, PP=1 already yields exactly those merged tensors, lazily
-and in model order (QKV de-interleaved into [Q; K; V], the gated fc1 split into its halves), so
-this module only renames them, splits QKV into q/k/v, trims the vocab if asked, and assigns them
-to shard files. Nothing is read here: shapes and byte counts come from the lazy tensors.
+shards. The TensorRT-LLM merge planner (`merged_tensors`: its TP=1, PP=1 plan, without that
+target's feature refusals) already yields exactly those merged tensors, lazily and in model order
+(QKV de-interleaved into [Q; K; V], the gated fc1 split into its halves, q/k norms whole), so this
+module only renames them, splits QKV into q/k/v, trims the vocab if asked, and assigns them to
+shard files. Nothing is read here: shapes and byte counts come from the lazy tensors.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from converters.hf.families import HfFamily, family_for
 from converters.megatron.layout import SourceCheckpoint
 from converters.model import DTYPES, ModelConfig
 from converters.tensors import Zeros
-from converters.trtllm.plan import NONFINITE_POLICIES, OutputTensor, Target, rank_tensors
+from converters.trtllm.plan import NONFINITE_POLICIES, OutputTensor, merged_tensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -27,6 +28,8 @@ INDEX_FILE = "model.safetensors.index.json"
 # while HF computes down(act(gate_proj(x)) · up_proj(x)): fc → gate_proj, gate → up_proj.
 _LAYER_NAMES = {
     "input_layernorm.weight": "input_layernorm.weight",
+    "attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "attention.k_layernorm.weight": "self_attn.k_norm.weight",
     "attention.dense.weight": "self_attn.o_proj.weight",
     "attention.dense.bias": "self_attn.o_proj.bias",
     "post_layernorm.weight": "post_attention_layernorm.weight",
@@ -137,7 +140,7 @@ def hf_tensors(source: SourceCheckpoint, target: HfTarget) -> list[OutputTensor]
     cfg = source.config
     check_target(cfg, target)
     family = family_for(cfg, target.architecture)
-    merged = rank_tensors(source, Target(tp=1, pp=1), 0)
+    merged = merged_tensors(source)
     vocab = target.output_vocab(cfg)
     return [out for tensor in merged for out in _rename(tensor, cfg, family, vocab)]
 

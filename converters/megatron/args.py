@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,15 @@ _REQUIRED = (
 # Features whose weights or math Porter does not convert: (argument, predicate, explanation).
 _UNSUPPORTED: tuple[tuple[str, Any, str], ...] = (
     ("num_experts", lambda v: v not in (None, 0, 1), "mixture-of-experts layers (MoE)"),
-    ("qk_layernorm", bool, "qk-layernorm"),
+    ("qk_l2_norm", bool, "L2-normalised queries and keys"),
     ("multi_latent_attention", bool, "multi-latent attention (MLA)"),
     ("rotary_interleaved", bool, "interleaved rotary embeddings"),
     ("squared_relu", bool, "squared-ReLU activation"),
-    ("use_rope_scaling", bool, "RoPE scaling"),
-    ("rope_scaling", bool, "RoPE scaling"),
+    (
+        "rotary_seq_len_interpolation_factor",
+        lambda v: v not in (None, 1, 1.0),
+        "linear RoPE position interpolation",
+    ),
     (
         "virtual_pipeline_model_parallel_size",
         lambda v: v not in (None, 1),
@@ -74,6 +78,26 @@ def _number(args: Any, name: str, default: float, path: Path) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise CorruptCheckpoint(f"`args.{name}` is {value!r}, not a number", path) from None
+
+
+def _rope_scaling_factor(args: Any, path: Path) -> float | None:
+    """Megatron-LM's Llama-3.1 RoPE scaling (`--use-rope-scaling`, `--rope-scaling-factor`, default
+    8): the factor, or None when off. `rope_scaling` is GPTModel's name for the same switch."""
+    switch = _get(args, "rope_scaling")
+    if switch is not None and not isinstance(switch, bool):
+        raise UnsupportedModel(
+            f"RoPE scaling given as rope_scaling={switch!r} (only Megatron-LM's boolean "
+            "use_rope_scaling / rope_scaling with rope_scaling_factor is understood)",
+            path,
+        )
+    if not (_get(args, "use_rope_scaling") or switch):
+        return None
+    factor = _number(args, "rope_scaling_factor", 8.0, path)
+    if not math.isfinite(factor) or factor <= 0:
+        raise CorruptCheckpoint(
+            f"`args.rope_scaling_factor` is {factor!r}, not a positive number", path
+        )
+    return factor
 
 
 def model_config_from_args(args: Any, stored_dtype: torch.dtype, path: Path) -> ModelConfig:
@@ -134,6 +158,9 @@ def model_config_from_args(args: Any, stored_dtype: torch.dtype, path: Path) -> 
         add_qkv_bias=bool(_get(args, "add_qkv_bias", False))
         or bool(_get(args, "add_bias_linear", True)),
         dtype=dtype,
+        qk_layernorm=bool(_get(args, "qk_layernorm", False)),
+        # megatron-core scales only rotary embeddings (learned positions ignore the switch).
+        rope_scaling_factor=_rope_scaling_factor(args, path) if position == "rope" else None,
     )
 
 

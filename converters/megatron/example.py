@@ -122,6 +122,47 @@ FAMILIES: dict[str, dict[str, Any]] = {
     },
 }
 
+# Settings the first families leave at these values (so their checkpoints stay as they were).
+_DEFAULTS: dict[str, Any] = {
+    "qk_layernorm": False,
+    "use_rope_scaling": False,
+    "rope_scaling_factor": 8.0,
+    "init_method_std": 0.02,
+    # Random biases and norm weights (megatron-core initialises them to 0 and 1, which hides a
+    # bias or norm weight converted into the wrong place).
+    "random_biases_and_norms": False,
+}
+
+# The dense Hugging Face families: attention weights large enough (init_method_std) that
+# attention details (rotary scaling, q/k norms, QKV biases) move the logits measurably.
+_LLAMA_STYLE = {**FAMILIES["llama"], "init_method_std": 0.1, "random_biases_and_norms": True}
+FAMILIES |= {
+    # Llama 3.1: GQA with --use-rope-scaling (factor 8). With rotary_base 1e6 and d = 8 the
+    # lowest frequencies have wavelengths of 6283 (smoothed) and 198,692 (divided by 8) tokens.
+    # Positions beyond the scaling's original 8192 (rotary positions cost nothing until used).
+    "llama31": {
+        **_LLAMA_STYLE,
+        "rotary_base": 1000000,
+        "max_position_embeddings": 16384,
+        "use_rope_scaling": True,
+        "rope_scaling_factor": 8.0,
+    },
+    # Qwen2: QKV biases only, tied embeddings.
+    "qwen2": {
+        **_LLAMA_STYLE,
+        "rotary_base": 1000000,
+        "untie_embeddings_and_output_weights": False,
+        "add_qkv_bias": True,
+    },
+    # Qwen3: per-head q/k RMSNorm, head size 16 with 8 heads (128 ≠ hidden 64), no biases.
+    "qwen3": {
+        **_LLAMA_STYLE,
+        "rotary_base": 1000000,
+        "kv_channels": 16,
+        "qk_layernorm": True,
+    },
+}
+
 
 # --------------------------------------------------------------------------------------------
 # Public API
@@ -184,7 +225,7 @@ def write_example_checkpoint(
 def _model_hparams(family: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose from {sorted(FAMILIES)}")
-    hp = dict(FAMILIES[family])
+    hp = {**_DEFAULTS, **FAMILIES[family]}
     unknown = set(overrides or {}) - set(hp)
     if unknown:
         raise ValueError(f"unknown override keys {sorted(unknown)}; known: {sorted(hp)}")

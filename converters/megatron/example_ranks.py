@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,8 @@ def _run_configs(rank: int, job: dict[str, Any]) -> None:
         model = _build_model(job, tp, pp)
         if pp == 1:
             assert rank % tp == tp_rank  # default "tp-cp-ep-dp-pp" order keeps tp fastest
+            if job["hp"]["random_biases_and_norms"]:
+                _randomize_biases_and_norms(model, job, tp_rank, tp)
             pp1_state[tp] = dict(model.state_dict())
         else:
             offset = pp_rank * (job["hp"]["num_layers"] // pp)
@@ -123,6 +126,7 @@ def _transformer_config(job: dict[str, Any], tp: int, pp: int):
         normalization=hp["normalization"],
         layernorm_epsilon=hp["norm_epsilon"],
         layernorm_zero_centered_gamma=hp["apply_layernorm_1p"],
+        qk_layernorm=hp["qk_layernorm"],
         gated_linear_unit=hp["swiglu"],
         activation_func=torch.nn.functional.silu if hp["swiglu"] else _gelu,
         bias_activation_fusion=False,
@@ -137,7 +141,7 @@ def _transformer_config(job: dict[str, Any], tp: int, pp: int):
         gradient_accumulation_fusion=False,
         use_cpu_initialization=True,
         perform_initialization=True,
-        init_method_std=0.02,
+        init_method_std=hp["init_method_std"],
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
@@ -159,7 +163,9 @@ def _build_model(job: dict[str, Any], tp: int, pp: int):
 
     hp = job["hp"]
     config = _transformer_config(job, tp, pp)
-    spec = get_gpt_layer_local_spec(normalization=hp["normalization"])
+    spec = get_gpt_layer_local_spec(
+        normalization=hp["normalization"], qk_layernorm=hp["qk_layernorm"]
+    )
     torch.manual_seed(job["seed"])
     model = GPTModel(
         config=config,
@@ -173,9 +179,37 @@ def _build_model(job: dict[str, Any], tp: int, pp: int):
         position_embedding_type=hp["position_embedding_type"],
         rotary_percent=hp["rotary_percent"],
         rotary_base=hp["rotary_base"],
+        rope_scaling=hp["use_rope_scaling"],
+        rope_scaling_factor=hp["rope_scaling_factor"],
     )
     model.eval()
     return model
+
+
+@torch.no_grad()
+def _randomize_biases_and_norms(
+    model: torch.nn.Module, job: dict[str, Any], tp_rank: int, tp: int
+) -> None:
+    """Give every bias and norm weight (megatron-core starts them at 0 and 1) random values.
+
+    Each parameter's global values come from the seed and its name alone; a TP-split one gets
+    this rank's share as Megatron splits it (a gated fc1 bias: [gate_r; up_r]), so all (tp, 1)
+    configurations hold the same model."""
+    for name, param in model.named_parameters():
+        norm = "layernorm" in name or "layer_norm" in name
+        if not (norm or name.endswith(".bias")):
+            continue
+        split = getattr(param, "tensor_model_parallel", False)
+        dim = getattr(param, "partition_dim", 0) if split else 0
+        shape = list(param.shape)
+        shape[dim] *= tp if split else 1
+        gen = torch.Generator().manual_seed(job["seed"] * 7919 + zlib.crc32(name.encode()))
+        values = 0.3 * torch.randn(shape, generator=gen) + (1.0 if norm else 0.0)
+        if split and name.endswith("mlp.linear_fc1.bias") and job["hp"]["swiglu"]:
+            values = torch.cat([half.chunk(tp, dim)[tp_rank] for half in values.chunk(2, dim)], dim)
+        elif split:
+            values = values.chunk(tp, dim)[tp_rank]
+        param.copy_(values.to(param.dtype))
 
 
 def _stage_state(

@@ -43,6 +43,11 @@ LAYER_PARAMS: dict[str, ParamKind] = {
     "input_layernorm.bias": ParamKind("replicated", lambda c: (c.hidden_size,)),
     "self_attention.linear_qkv.weight": ParamKind("rows", lambda c: (c.qkv_rows, c.hidden_size)),
     "self_attention.linear_qkv.bias": ParamKind("rows", lambda c: (c.qkv_rows,)),
+    # qk_layernorm: one norm over each query / key head (size d), the same on every TP rank.
+    "self_attention.q_layernorm.weight": ParamKind("replicated", lambda c: (c.kv_channels,)),
+    "self_attention.q_layernorm.bias": ParamKind("replicated", lambda c: (c.kv_channels,)),
+    "self_attention.k_layernorm.weight": ParamKind("replicated", lambda c: (c.kv_channels,)),
+    "self_attention.k_layernorm.bias": ParamKind("replicated", lambda c: (c.kv_channels,)),
     "self_attention.linear_proj.weight": ParamKind(
         "cols", lambda c: (c.hidden_size, c.attention_width)
     ),

@@ -6,11 +6,12 @@ from typing import Any
 
 from converters.model import ModelConfig
 from converters.trtllm.families import family_for
-from converters.trtllm.plan import Target
+from converters.trtllm.plan import Target, check_features
 
 
 def trtllm_config(cfg: ModelConfig, target: Target) -> dict[str, Any]:
     """`config.json` contents for `cfg` laid out as `target`."""
+    check_features(cfg)
     family = family_for(cfg)
     return {
         "architecture": family.architecture,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from converters.errors import ConversionError, IncompatibleParallelism
+from converters.errors import ConversionError, IncompatibleParallelism, UnsupportedModel
 from converters.megatron.layout import SourceCheckpoint
 from converters.model import DTYPES, ModelConfig
 from converters.tensors import LazyTensor, Zeros
@@ -57,8 +57,31 @@ class RankEstimate:
     peak_bytes: int  # the largest (source slice + converted tensor) held at once
 
 
+def unsupported_features(cfg: ModelConfig) -> list[str]:
+    """What Porter reads from Megatron but does not write for TensorRT-LLM yet (the merge
+    planner below handles them; the Hugging Face target writes them)."""
+    found = []
+    if cfg.qk_layernorm:
+        found.append("qk-layernorm (per-head query/key norms, Qwen3-style)")
+    if cfg.rope_scaling_factor is not None:
+        found.append(f"Llama-3.1 RoPE scaling (rope_scaling_factor={cfg.rope_scaling_factor:g})")
+    return found
+
+
+def check_features(cfg: ModelConfig) -> None:
+    """Raise `UnsupportedModel` naming each feature of `cfg` the TensorRT-LLM target lacks."""
+    found = unsupported_features(cfg)
+    if found:
+        raise UnsupportedModel(
+            f"{' and '.join(found)} is not supported by the TensorRT-LLM target yet "
+            "(the Hugging Face layout, megatron-hf, supports it)"
+        )
+
+
 def check_target(cfg: ModelConfig, target: Target) -> None:
-    """Raise `IncompatibleParallelism` unless `cfg` can be laid out as `target`."""
+    """Raise `IncompatibleParallelism` unless `cfg` can be laid out as `target` (and
+    `UnsupportedModel` for a feature the TensorRT-LLM target does not write)."""
+    check_features(cfg)
     if target.tp < 1 or target.pp < 1:
         raise IncompatibleParallelism(
             f"TP and PP must be at least 1 (got TP={target.tp}, PP={target.pp})"
@@ -144,6 +167,7 @@ class _RankPlanner:
                 f"{out}.attention.qkv.bias",
                 reshard.qkv_for_rank(qkv_bias, cfg, self.tp_rank, self.target.tp),
             )
+        self.qk_norms(src, out)
         proj = self.source.tensor(f"{src}.self_attention.linear_proj.weight")
         self.add(f"{out}.attention.dense.weight", self.split(proj, 1))
         if biases.dense:
@@ -153,6 +177,21 @@ class _RankPlanner:
             )
         self.norm(f"{out}.post_layernorm", f"{src}.pre_mlp_layernorm")
         self.mlp(src, out, biases.mlp)
+
+    def qk_norms(self, src: str, out: str) -> None:
+        """Per-head query/key norms (one weight of size d each, whole on every rank)."""
+        norms = ("q_layernorm", "k_layernorm")
+        if self.cfg.qk_layernorm:
+            for norm in norms:
+                self.norm(f"{out}.attention.{norm}", f"{src}.self_attention.{norm}")
+            return
+        stored = [n for n in norms if self.source.has(f"{src}.self_attention.{n}.weight")]
+        if stored:  # converting without them would silently compute another model
+            raise UnsupportedModel(
+                f"{src}.self_attention.{stored[0]}.weight is stored but `args.qk_layernorm` is "
+                "not set: the checkpoint and its arguments disagree",
+                self.source.path,
+            )
 
     def mlp(self, src: str, out: str, bias: bool) -> None:
         cfg = self.cfg
@@ -205,6 +244,13 @@ def rank_tensors(source: SourceCheckpoint, target: Target, rank: int) -> list[Ou
     if not 0 <= rank < target.world_size:
         raise IncompatibleParallelism(f"rank {rank} is outside 0..{target.world_size - 1}")
     return _RankPlanner(source, target, rank).build()
+
+
+def merged_tensors(source: SourceCheckpoint) -> list[OutputTensor]:
+    """Every tensor merged over the source's TP and PP ranks, in model order, under TensorRT-LLM's
+    names (TP=1, PP=1), including what the TensorRT-LLM target refuses (`unsupported_features`):
+    the base other targets rename (converters.hf.plan)."""
+    return _RankPlanner(source, Target(tp=1), 0).build()
 
 
 def estimate_rank(source: SourceCheckpoint, target: Target, rank: int) -> RankEstimate:

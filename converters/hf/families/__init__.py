@@ -7,9 +7,18 @@ from converters.errors import UnsupportedModel
 from converters.hf.families.base import FAMILIES, HfFamily, register
 from converters.hf.families.llama import LlamaFamily
 from converters.hf.families.qwen2 import Qwen2Family
+from converters.hf.families.qwen3 import Qwen3Family
 from converters.model import ModelConfig
 
-__all__ = ["FAMILIES", "HfFamily", "LlamaFamily", "Qwen2Family", "family_for", "register"]
+__all__ = [
+    "FAMILIES",
+    "HfFamily",
+    "LlamaFamily",
+    "Qwen2Family",
+    "Qwen3Family",
+    "family_for",
+    "register",
+]
 
 
 def family_for(cfg: ModelConfig, architecture: str | None = None) -> type[HfFamily]:

@@ -1,12 +1,13 @@
-"""LlamaForCausalLM: RMSNorm, rotary positions over the whole head, SwiGLU, optional GQA, and
-either no linear biases or biases on every linear layer (`attention_bias` + `mlp_bias`)."""
+"""LlamaForCausalLM: RMSNorm, rotary positions over the whole head (optionally with Llama-3.1
+scaling), SwiGLU, optional GQA, and either no linear biases or biases on every linear layer
+(`attention_bias` + `mlp_bias`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from converters.hf.families.base import HfFamily, register
-from converters.model import ModelConfig
+from converters.model import LLAMA3_ROPE_CONSTANTS, ModelConfig
 
 
 def llama_style_mismatches(cfg: ModelConfig) -> list[str]:
@@ -21,12 +22,16 @@ def llama_style_mismatches(cfg: ModelConfig) -> list[str]:
     if not (cfg.gated_mlp and cfg.activation == "silu"):
         mlp = f"gated {cfg.activation}" if cfg.gated_mlp else f"non-gated {cfg.activation}"
         found.append(f"a {mlp} MLP (needs SwiGLU)")
-    if cfg.hidden_size % cfg.num_attention_heads:
-        found.append(
-            f"hidden_size={cfg.hidden_size} not divisible by num_attention_heads="
-            f"{cfg.num_attention_heads} (transformers' config validation requires it)"
-        )
     return found
+
+
+def no_qk_norm(cfg: ModelConfig) -> list[str]:
+    """The refusal of an architecture without per-head query/key norms."""
+    if cfg.qk_layernorm:
+        return [
+            "qk-layernorm (no query/key norms here; Qwen3ForCausalLM is the exact architecture)"
+        ]
+    return []
 
 
 @register
@@ -36,7 +41,12 @@ class LlamaFamily(HfFamily):
 
     @classmethod
     def rejects(cls, cfg: ModelConfig) -> str | None:
-        found = llama_style_mismatches(cfg)
+        found = llama_style_mismatches(cfg) + no_qk_norm(cfg)
+        if cfg.hidden_size % cfg.num_attention_heads:
+            found.append(
+                f"hidden_size={cfg.hidden_size} not divisible by num_attention_heads="
+                f"{cfg.num_attention_heads} (LlamaConfig's validation requires it)"
+            )
         if cfg.add_qkv_bias and not cfg.add_bias_linear:
             found.append(
                 "a QKV bias without other linear biases (Llama's attention_bias also gives o_proj "
@@ -71,10 +81,7 @@ def llama_style_fields(cfg: ModelConfig) -> dict[str, Any]:
         "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_epsilon,
         "max_position_embeddings": cfg.max_position_embeddings,
-        # transformers ≥ 5 reads rope_parameters; older loaders (and vLLM, SGLang) rope_theta.
-        "rope_theta": cfg.rotary_base,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
+        **rope_fields(cfg),
         "tie_word_embeddings": cfg.tied_embeddings,
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
@@ -83,4 +90,26 @@ def llama_style_fields(cfg: ModelConfig) -> dict[str, Any]:
         "bos_token_id": None,
         "eos_token_id": None,
         "pad_token_id": None,
+    }
+
+
+def rope_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """The rotary settings in both spellings: transformers ≥ 5 reads `rope_parameters`; older
+    loaders (and vLLM, SGLang) `rope_theta` and `rope_scaling` (which transformers 5 also accepts,
+    preferring it to `rope_parameters`: both say the same here)."""
+    scaling = None
+    if cfg.rope_scaling_factor is not None:
+        scaling = {
+            "rope_type": "llama3",
+            "factor": cfg.rope_scaling_factor,
+            **LLAMA3_ROPE_CONSTANTS,
+        }
+    return {
+        "rope_theta": cfg.rotary_base,
+        "rope_scaling": scaling,
+        "rope_parameters": {
+            "rope_type": "default",
+            **(scaling or {}),
+            "rope_theta": cfg.rotary_base,
+        },
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from converters.hf.families.base import HfFamily, register
-from converters.hf.families.llama import llama_style_fields, llama_style_mismatches
+from converters.hf.families.llama import llama_style_fields, llama_style_mismatches, no_qk_norm
 from converters.model import ModelConfig
 
 
@@ -16,7 +16,7 @@ class Qwen2Family(HfFamily):
 
     @classmethod
     def rejects(cls, cfg: ModelConfig) -> str | None:
-        found = llama_style_mismatches(cfg)
+        found = llama_style_mismatches(cfg) + no_qk_norm(cfg)
         if cfg.add_bias_linear:
             found.append("biases on o_proj and the MLP (Qwen2 has QKV biases only)")
         elif not cfg.add_qkv_bias:

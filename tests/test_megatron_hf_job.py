@@ -147,3 +147,36 @@ def test_bad_hf_options_are_refused_before_anything_is_written(
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1, error
     assert not out.exists()
+
+
+def test_kill_9_of_a_worker_mid_shard_recovers(cluster, s3_env, megatron, tmp_path):
+    """The recovery of ranks (heartbeats, reaper) holds for any kind's fan-out steps."""
+    import signal
+    import time
+
+    from tasks.jobs.records import JobRecords
+    from tests.test_distributed import wait_state
+    from tests.test_recovery import pid_of, running_step
+
+    source = megatron("llama").paths[LEGACY_TP2]
+    upload(source, f"s3://{s3_env}/ckpt")
+    records = JobRecords(cluster.redis_url)
+    result = cluster.porter("submit", "megatron-hf", f"s3://{s3_env}/ckpt", f"s3://{s3_env}/hf")
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.splitlines()[0]
+    step, fields = running_step(records, job, prefix="shard:")
+    victim = cluster.worker_of(pid_of(fields))
+    cluster.stop_worker(victim, signal.SIGKILL)  # main process and pool child, no goodbye
+    killed_at = time.monotonic()
+    try:
+        record = wait_state(records, job, ("SUCCEEDED", "FAILED"), timeout=60)
+        assert record["state"] == "SUCCEEDED", record["error"]
+        assert time.monotonic() - killed_at < 30  # the visibility timeout is 12 h
+        assert record["steps"][step]["deliveries"] == 2
+        local = tmp_path / "local"
+        assert main(["convert", "megatron-hf", str(source), str(local), "--quiet"]) == 0
+        got = download(f"s3://{s3_env}/hf", tmp_path / "got")
+        assert got["model.safetensors"] == (local / "model.safetensors").read_bytes()
+    finally:
+        cluster.start_worker()
+        cluster.wait_for_workers(2)

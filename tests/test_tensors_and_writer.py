@@ -131,3 +131,20 @@ def test_writer_refuses_to_finish_early(tmp_path):
 def test_zeros_concat_dtype_mismatch_is_refused():
     with pytest.raises(ValueError, match="mixed dtypes"):
         Concat([Eager(torch.ones(2)), Zeros((2,), torch.float16)], 0)
+
+
+def test_writer_streams_a_tensor_in_row_blocks(tmp_path):
+    """A merged vocab embedding is written part by part (never joined in memory): same bytes."""
+    whole = torch.randn(10, 4)
+    specs = [TensorSpec("e", (10, 4), torch.float32)]
+    with SafetensorsWriter(tmp_path / "parts.safetensors", specs) as writer:
+        writer.write_rows("e", iter([whole[:3], whole[3:]]))
+        parts = writer.close()
+    with SafetensorsWriter(tmp_path / "whole.safetensors", specs) as writer:
+        writer.write("e", whole)
+        assert writer.close().sha256 == parts.sha256
+    with SafetensorsWriter(tmp_path / "bad.safetensors", specs) as writer:
+        with pytest.raises(RuntimeError, match="has 3 rows"):
+            writer.write_rows("e", [whole[:3]])
+        with pytest.raises(RuntimeError, match="only 0 of 1"):
+            writer.close()

@@ -14,7 +14,7 @@ from converters.errors import ConversionError
 from converters.hf.plan import HfTarget, shard_file_name, shard_tensors
 from converters.megatron.layout import SourceCheckpoint
 from converters.model import DTYPES
-from converters.trtllm.convert import Progress, check_finite, converted
+from converters.trtllm.convert import Progress, write_converted
 from converters.trtllm.writer import SafetensorsWriter, TensorSpec
 
 
@@ -51,11 +51,9 @@ def convert_shard(
     nonfinite = []
     with SafetensorsWriter(Path(path), specs, metadata={"format": "pt"}) as writer:
         for tensor, spec in zip(tensors, specs, strict=True):
-            data = converted(tensor, dtype)
-            writer.write(tensor.name, data)
-            if found := check_finite(source, target.nonfinite, tensor, data):
+            # A refused tensor fails the step, whose file is then discarded.
+            if found := write_converted(writer, source, target.nonfinite, tensor, dtype):
                 nonfinite.append(found)
-            del data
             read += tensor.source.source_nbytes
             done += spec.nbytes
             if progress:

@@ -9,8 +9,9 @@ the source files it was read from.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from converters.errors import NonFiniteWeights
 from converters.megatron.layout import SourceCheckpoint
 from converters.model import DTYPES
+from converters.tensors import Concat, LazyTensor
 from converters.trtllm.plan import OutputTensor, Target, rank_tensors
 from converters.trtllm.writer import SafetensorsWriter, TensorSpec
 
@@ -41,12 +43,51 @@ class RankResult:
     nonfinite: list[dict] = field(default_factory=list)
 
 
-def converted(tensor: OutputTensor, dtype: torch.dtype) -> torch.Tensor:
-    """Read a planned tensor and cast it to `dtype` (adding 1 to zero-centred norm weights)."""
-    data = tensor.source.materialize()
-    if tensor.add_one:
-        return (data.float() + 1.0).to(dtype)
-    return data.to(dtype)
+def _pieces(tensor: OutputTensor) -> list[LazyTensor]:
+    """What to read and write one after another: the parts of a row-wise join of TP shards (a
+    merged vocab embedding), so that the joined copy is never held; else the tensor itself."""
+    source = tensor.source
+    if isinstance(source, Concat) and source.dim == 0:
+        return list(source.parts)
+    return [source]
+
+
+def write_converted(
+    writer: SafetensorsWriter,
+    source: SourceCheckpoint,
+    policy: str,
+    tensor: OutputTensor,
+    dtype: torch.dtype,
+) -> dict | None:
+    """Read `tensor`, cast it to `dtype` (adding 1 to zero-centred norm weights), append it to
+    `writer` piece by piece, and check it for NaN and infinite values once written (summing
+    first, while the bytes were still being paged in from the source, made conversions up to
+    twice as slow). Returns None, or by `policy` ("warn" | "error", see `Target.nonfinite`) a
+    {"tensor", "count", "files"} record (logged as a warning) or `NonFiniteWeights`."""
+    count = 0
+
+    def converted() -> Iterator[torch.Tensor]:
+        nonlocal count
+        for piece in _pieces(tensor):
+            data = piece.materialize()
+            data = (data.float() + 1.0).to(dtype) if tensor.add_one else data.to(dtype)
+            yield data
+            count += count_nonfinite(data)
+            del data
+
+    writer.write_rows(tensor.name, converted())
+    if not count:
+        return None
+    files = source_files(source, tensor)
+    numel = math.prod(tensor.source.shape)
+    what = (
+        f"{tensor.name} has {count} NaN or infinite value(s) of {numel} "
+        f"(as {str(dtype).removeprefix('torch.')}), read from {', '.join(files)}"
+    )
+    if policy == "error":
+        raise NonFiniteWeights(f"{what}; refused (nonfinite=error)", files[0])
+    log.warning("%s", what)
+    return {"tensor": tensor.name, "count": count, "files": files}
 
 
 def count_nonfinite(tensor: torch.Tensor) -> int:
@@ -85,25 +126,6 @@ def source_files(source: SourceCheckpoint, tensor: OutputTensor) -> list[str]:
     return names or [root]
 
 
-def check_finite(
-    source: SourceCheckpoint, policy: str, tensor: OutputTensor, data: torch.Tensor
-) -> dict | None:
-    """None when `data` is finite; else, by `policy` ("warn" | "error", see `Target.nonfinite`),
-    a {"tensor", "count", "files"} record (logged as a warning) or `NonFiniteWeights`."""
-    count = count_nonfinite(data)
-    if not count:
-        return None
-    files = source_files(source, tensor)
-    what = (
-        f"{tensor.name} has {count} NaN or infinite value(s) of {data.numel()} "
-        f"(as {str(data.dtype).removeprefix('torch.')}), read from {', '.join(files)}"
-    )
-    if policy == "error":
-        raise NonFiniteWeights(f"{what}; refused (nonfinite=error)", files[0])
-    log.warning("%s", what)
-    return {"tensor": tensor.name, "count": count, "files": files}
-
-
 def rank_file_name(rank: int) -> str:
     return f"rank{rank}.safetensors"
 
@@ -125,14 +147,9 @@ def convert_rank(
     nonfinite = []
     with SafetensorsWriter(path, specs, metadata={"format": "pt"}) as writer:
         for tensor, spec in zip(tensors, specs, strict=True):
-            data = converted(tensor, dtype)
-            writer.write(tensor.name, data)
-            # Checked once written: summing first, while the bytes are still being paged in
-            # from the source, made conversions up to twice as slow (measured); a refused
-            # tensor fails the rank, whose file is then discarded.
-            if found := check_finite(source, target.nonfinite, tensor, data):
+            # A refused tensor fails the step, whose file is then discarded.
+            if found := write_converted(writer, source, target.nonfinite, tensor, dtype):
                 nonfinite.append(found)
-            del data
             read += tensor.source.source_nbytes
             done += spec.nbytes
             if progress:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,24 @@ class SafetensorsWriter:
         self._bytes += len(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor; its name, shape and dtype must match the declared spec."""
+        """Append the next tensor; its name, shape and dtype must match the declared spec
+        (checked before anything is written: a refused call can be made again correctly)."""
+        spec = self.specs[self._next] if self._next < len(self.specs) else None
+        mismatched = spec is not None and (tuple(tensor.shape), tensor.dtype) != (
+            spec.shape,
+            spec.dtype,
+        )
+        if spec is not None and name == spec.name and mismatched:
+            raise RuntimeError(
+                f"{self.path}: {name} is {tuple(tensor.shape)} {tensor.dtype}, declared "
+                f"{spec.shape} {spec.dtype}"
+            )
+        self.write_rows(name, [tensor])
+
+    def write_rows(self, name: str, pieces: Iterable[torch.Tensor]) -> None:
+        """Append the next tensor as consecutive blocks of rows (dim 0), one held at a time; their
+        rows must add up to the declared shape, in its dtype. A block that does not fit leaves the
+        file unfinished: `close` then fails."""
         if self._next >= len(self.specs):
             raise RuntimeError(
                 f"{self.path}: all {len(self.specs)} tensors already written, got {name}"
@@ -101,12 +119,24 @@ class SafetensorsWriter:
         spec = self.specs[self._next]
         if name != spec.name:
             raise RuntimeError(f"{self.path}: expected tensor {spec.name} next, got {name}")
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise RuntimeError(
-                f"{self.path}: {name} is {tuple(tensor.shape)} {tensor.dtype}, declared {spec.shape} {spec.dtype}"
+        rows = 0
+        for piece in pieces:
+            shape = tuple(piece.shape)
+            fits = (
+                (shape[1:] == spec.shape[1:] and rows + shape[0] <= spec.shape[0])
+                if shape
+                else (spec.shape == () and rows == 0)
             )
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._emit(memoryview(data))
+            if not fits or piece.dtype != spec.dtype:
+                raise RuntimeError(
+                    f"{self.path}: {name} got a block {shape} {piece.dtype} after {rows} rows, "
+                    f"declared {spec.shape} {spec.dtype}"
+                )
+            rows += shape[0] if shape else 1
+            data = piece.contiguous().reshape(-1).view(torch.uint8).numpy()
+            self._emit(memoryview(data))
+        if rows != (spec.shape[0] if spec.shape else 1):
+            raise RuntimeError(f"{self.path}: {name} has {rows} rows, declared {spec.shape}")
         self._next += 1
 
     def close(self) -> WrittenFile:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+import time
 
 from tasks.cli.main import main
 from tests.conftest import LAYOUTS
@@ -72,7 +74,25 @@ def test_unreachable_redis_is_one_line_naming_it_without_the_password(capsys, mo
     from tests.cluster import free_port
 
     monkeypatch.setenv("PORTER_REDIS_URL", f"redis://:hunter2@127.0.0.1:{free_port()}/0")
+    started = time.monotonic()
     assert main(["status", "some-job"]) == 1
+    # A person hears within seconds (workers retry for about half a minute; this took 35 s).
+    assert time.monotonic() - started < 10
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("porter: error: Redis at redis://***@")
     assert "hunter2" not in err and "PORTER_REDIS_URL" in err
+
+
+def test_relative_paths_with_dotdot_are_resolved_not_refused(megatron, tmp_path, monkeypatch):
+    """`porter convert ../ckpt out` from a sibling directory: resolved first, then checked."""
+    from converters.megatron.example import Layout
+
+    source = megatron("llama").paths[Layout("legacy", 2, 1)]
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    relative = os.path.relpath(source, work)
+    assert relative.startswith("..")
+    args = ["convert", "megatron-trtllm", relative, "../out", "--tp", "2", "--quiet"]
+    assert main(args) == 0
+    assert (tmp_path / "out" / "manifest.json").is_file()

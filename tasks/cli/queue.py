@@ -73,11 +73,13 @@ def _time(ts: Any) -> str:
     return datetime.datetime.fromtimestamp(float(ts), datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _wait(records: Any, job: str) -> int:
+def _wait(job: str) -> int:
+    """Follow `job` until it ends (through a Redis restart: a patient connection)."""
     from tqdm import tqdm
 
     from tasks.jobs import service
 
+    records = service.connect()
     bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=job, file=sys.stderr)
 
     def update(record: dict[str, Any]) -> None:
@@ -110,19 +112,19 @@ def submit(args: argparse.Namespace) -> int:
     if args.kind is None:
         raise ConversionError("porter submit: give a job kind (megatron-trtllm, ...) or --batch")
     spec = kind_named(args.kind).cli.spec_from_args(args)
-    records = service.connect()
+    records = service.connect(interactive=True)
     job, created = service.submit(spec, records)
     print(job, flush=True)
     if not created:
         state = records.state(job)
         print(f"{job}: already submitted ({state}); nothing new queued", file=sys.stderr)
-    return _wait(records, job) if args.wait else 0
+    return _wait(job) if args.wait else 0
 
 
 def status(args: argparse.Namespace) -> int:
     from tasks.jobs import service
 
-    record = service.get(service.connect(), args.job)
+    record = service.get(service.connect(interactive=True), args.job)
     if args.json:
         print(json.dumps(record, indent=2, sort_keys=True, default=str))
         return 0
@@ -159,7 +161,7 @@ def submit_batch(args: argparse.Namespace) -> int:
     from tasks.jobs.batch import read_batch
 
     specs = read_batch(args.batch_file)
-    records = service.connect()
+    records = service.connect(interactive=True)
     for job, created in service.submit_many([(s, {"trigger": "batch"}) for s in specs], records):
         print(job, flush=True)
         if not created:
@@ -192,7 +194,7 @@ def jobs(args: argparse.Namespace) -> int:
 
     from tasks.jobs import service
 
-    records = service.connect()
+    records = service.connect(interactive=True)
     if not args.watch:
         print("\n".join(_jobs_table(records, args)))
         return 0
@@ -210,7 +212,7 @@ def jobs(args: argparse.Namespace) -> int:
 def cancel(args: argparse.Namespace) -> int:
     from tasks.jobs import service
 
-    result = service.cancel(service.connect(), args.job)
+    result = service.cancel(service.connect(interactive=True), args.job)
     print(f"{args.job}: CANCELLED; removed {result['removed_files']} uncommitted file(s)")
     return 0
 
@@ -218,10 +220,10 @@ def cancel(args: argparse.Namespace) -> int:
 def retry(args: argparse.Namespace) -> int:
     from tasks.jobs import service
 
-    records = service.connect()
+    records = service.connect(interactive=True)
     attempt = service.retry(records, args.job)
     print(f"{args.job}: queued again (attempt {attempt})", file=sys.stderr)
-    return _wait(records, args.job) if args.wait else 0
+    return _wait(args.job) if args.wait else 0
 
 
 def worker(args: argparse.Namespace) -> int:

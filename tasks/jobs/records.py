@@ -65,10 +65,11 @@ def _decode(raw: dict[str, str]) -> dict[str, Any]:
 class JobRecords:
     """Read and write job records in one Redis database."""
 
-    def __init__(self, url: str, *, ttl: int = 30 * 24 * 3600) -> None:
+    def __init__(self, url: str, *, ttl: int = 30 * 24 * 3600, retries: int = 20) -> None:
         # Record writes ride out a Redis restart (AOF brings the data back): retried with backoff
-        # for about half a minute. Progress writes (`quiet`) use a client that fails at once.
-        patient = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=20)
+        # (20 retries: about half a minute, for workers; a person at a terminal gets a few, see
+        # `tasks.jobs.service.connect`). Progress writes (`quiet`) use a client that fails at once.
+        patient = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=retries)
         self.redis = redis.Redis.from_url(
             url, decode_responses=True, health_check_interval=10, retry=patient
         )

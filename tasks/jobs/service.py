@@ -27,10 +27,15 @@ class JobNotFound(ConversionError):
     """No record of this job id."""
 
 
-def connect(settings: Settings | None = None) -> JobRecords:
-    """The job records of the configured Redis."""
+INTERACTIVE_RETRIES = 4  # about 1.5 s of retries: a person learns at once that Redis is away
+
+
+def connect(settings: Settings | None = None, *, interactive: bool = False) -> JobRecords:
+    """The job records of the configured Redis. Workers ride out a Redis restart (about half a
+    minute of retries); `interactive` callers (a person at a terminal) hear within seconds."""
     settings = settings or Settings.from_env()
-    return JobRecords(settings.redis_url, ttl=settings.record_ttl)
+    retries = INTERACTIVE_RETRIES if interactive else 20
+    return JobRecords(settings.redis_url, ttl=settings.record_ttl, retries=retries)
 
 
 def _send_plan(job: str, attempt: int) -> None:

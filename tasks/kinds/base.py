@@ -46,10 +46,12 @@ def bytes_progress(record: dict[str, Any], step: str, plan: str) -> tuple[int, i
 
 
 def local_location(text: str, what: str) -> str:
-    """A location from the command line: an s3:// URI as given, a local path made absolute;
-    checked (NUL, '..', bucket names)."""
-    check_location(text, what)
-    return text if text.startswith("s3://") else str(Path(text).resolve())
+    """A location from the command line: an s3:// URI as given (checked: NUL, '..', bucket
+    names); a local path resolved to an absolute one first (`../ckpt` is fine on a command line),
+    then checked."""
+    if text.startswith("s3://") or "\x00" in text:
+        return check_location(text, what)
+    return check_location(str(Path(text).resolve()), what)
 
 
 @dataclass

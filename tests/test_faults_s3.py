@@ -212,6 +212,24 @@ def test_cut_bodies_in_whole_object_reads(
     assert stats.faults[kind] >= 3 and stats.retries == stats.faults[kind] - unnoticed, stats
 
 
+def test_cut_error_bodies_are_read_again(
+    faulty: FaultProxy, s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GET's error response (404 for a manifest not there yet) whose XML body is cut halfway:
+    botocore reads that body itself, outside its retries (seen failing a queued job's publish in
+    CI through this proxy); the store asks again."""
+    store = open_store(f"s3://{s3_env}/x")
+    (tmp_path / "blob").write_bytes(b"x" * 1000)
+    store.put_file(tmp_path / "blob", "blob.bin")  # the bucket exists; the manifest does not
+    use(faulty, monkeypatch)
+    store = open_store(f"s3://{s3_env}/x")
+    faulty.configure(Faults(kinds=("truncate",), **ONCE))
+    assert store.get_json("manifest.json") is None
+    stats = faulty.reset_stats()
+    faulty.configure(Faults())
+    assert stats.faults["truncate"] >= 1 and stats.retries == stats.faults["truncate"], stats
+
+
 def test_a_body_cut_short_every_time_fails_clearly(
     faulty: FaultProxy, s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -304,11 +304,18 @@ class S3Store:
         announced (and the recorded sha256 of a whole object). botocore retries the request;
         a body that breaks off, ends early or arrives damaged is read again here
         (BODY_ATTEMPTS in all). Errors name the URI."""
+        from urllib3.exceptions import ProtocolError
+
         name = self._name(key)
         for attempt in range(1, BODY_ATTEMPTS + 1):
-            with self._errors(key):
-                response = self.client.get_object(Bucket=self.bucket, Key=name, **kwargs)
             try:
+                try:
+                    with self._errors(key):
+                        response = self.client.get_object(Bucket=self.bucket, Key=name, **kwargs)
+                except ProtocolError as exc:
+                    # An error response's body (404, 416, ...) is read by botocore itself, after
+                    # its retries: one cut halfway surfaces here, from urllib3.
+                    raise _BrokenBody(f"S3 GetObject failed: {exc}", self.uri(key)) from exc
                 try:
                     data = response["Body"].read()
                 except _body_errors() as exc:

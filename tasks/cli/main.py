@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import redis
 
 from converters.errors import ConversionError
+from converters.megatron.example import FAMILIES as EXAMPLE_FAMILIES
 from tasks.cli import convert, queue, schedule
 from tasks.kinds import all_kinds
 
@@ -63,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         "megatron", help="a tiny Megatron-LM checkpoint written by megatron-core"
     )
     example_megatron.add_argument("output", help="checkpoint root to create")
-    example_megatron.add_argument("--family", choices=["llama", "gpt"], default="llama")
+    example_megatron.add_argument(
+        "--family",
+        choices=sorted(EXAMPLE_FAMILIES),
+        default="llama",
+        help="llama, gpt, llama31 (rope scaling), qwen2 (QKV bias), qwen3 (qk-norm)",
+    )
     example_megatron.add_argument(
         "--tp", type=int, default=2, help="training tensor-parallel size (default 2)"
     )

@@ -6,6 +6,7 @@ infinite check of the TensorRT-LLM converter (`HfTarget.nonfinite`: "warn" lists
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +15,7 @@ from converters.errors import ConversionError
 from converters.hf.plan import HfTarget, shard_file_name, shard_tensors
 from converters.megatron.layout import SourceCheckpoint
 from converters.model import DTYPES
-from converters.trtllm.convert import Progress, write_converted
-from converters.trtllm.writer import SafetensorsWriter, TensorSpec
+from converters.trtllm.convert import Progress, write_file
 
 
 @dataclass(frozen=True)
@@ -45,20 +45,7 @@ def convert_shard(
         raise ConversionError(f"shard {index} is outside 0..{len(groups) - 1}")
     tensors = groups[index]
     dtype = DTYPES[target.output_dtype(source.config)]
-    specs = [TensorSpec(t.name, t.source.shape, dtype) for t in tensors]
-    total = sum(s.nbytes for s in specs)
-    done = read = 0
-    nonfinite = []
-    with SafetensorsWriter(Path(path), specs, metadata={"format": "pt"}) as writer:
-        for tensor, spec in zip(tensors, specs, strict=True):
-            # A refused tensor fails the step, whose file is then discarded.
-            if found := write_converted(writer, source, target.nonfinite, tensor, dtype):
-                nonfinite.append(found)
-            read += tensor.source.source_nbytes
-            done += spec.nbytes
-            if progress:
-                progress(done, total)
-        written = writer.close()
+    written, read, nonfinite = write_file(source, tensors, dtype, target.nonfinite, path, progress)
     return ShardResult(
         index=index,
         file=shard_file_name(index, len(groups)),
@@ -66,6 +53,6 @@ def convert_shard(
         bytes_read=read,
         sha256=written.sha256,
         seconds=time.perf_counter() - started,
-        tensors={s.name: s.nbytes for s in specs},
+        tensors={t.name: math.prod(t.source.shape) * dtype.itemsize for t in tensors},
         nonfinite=nonfinite,
     )

@@ -22,7 +22,7 @@ from converters.megatron.layout import SourceCheckpoint
 from converters.model import DTYPES
 from converters.tensors import Concat, LazyTensor
 from converters.trtllm.plan import OutputTensor, Target, rank_tensors
-from converters.trtllm.writer import SafetensorsWriter, TensorSpec
+from converters.trtllm.writer import SafetensorsWriter, TensorSpec, WrittenFile
 
 # Called after each tensor with (bytes written so far, bytes of the whole rank file's tensors).
 Progress = Callable[[int, int], None]
@@ -126,6 +126,33 @@ def source_files(source: SourceCheckpoint, tensor: OutputTensor) -> list[str]:
     return names or [root]
 
 
+def write_file(
+    source: SourceCheckpoint,
+    tensors: list[OutputTensor],
+    dtype: torch.dtype,
+    policy: str,
+    path: Path,
+    progress: Progress | None = None,
+) -> tuple[WrittenFile, int, list[dict]]:
+    """Stream `tensors` (cast to `dtype`) into the safetensors file `path`, one at a time, with
+    the NaN/Inf `policy` (a refused tensor fails the step, whose file is then discarded).
+    Returns the written file, the source bytes read and the NaN/Inf records."""
+    specs = [TensorSpec(t.name, t.source.shape, dtype) for t in tensors]
+    total = sum(s.nbytes for s in specs)
+    done = read = 0
+    nonfinite = []
+    with SafetensorsWriter(Path(path), specs, metadata={"format": "pt"}) as writer:
+        for tensor, spec in zip(tensors, specs, strict=True):
+            if found := write_converted(writer, source, policy, tensor, dtype):
+                nonfinite.append(found)
+            read += tensor.source.source_nbytes
+            done += spec.nbytes
+            if progress:
+                progress(done, total)
+        written = writer.close()
+    return written, read, nonfinite
+
+
 def rank_file_name(rank: int) -> str:
     return f"rank{rank}.safetensors"
 
@@ -141,20 +168,7 @@ def convert_rank(
     started = time.perf_counter()
     dtype = DTYPES[target.output_dtype(source.config)]
     tensors = rank_tensors(source, target, rank)
-    specs = [TensorSpec(t.name, t.source.shape, dtype) for t in tensors]
-    total = sum(s.nbytes for s in specs)
-    done = read = 0
-    nonfinite = []
-    with SafetensorsWriter(path, specs, metadata={"format": "pt"}) as writer:
-        for tensor, spec in zip(tensors, specs, strict=True):
-            # A refused tensor fails the step, whose file is then discarded.
-            if found := write_converted(writer, source, target.nonfinite, tensor, dtype):
-                nonfinite.append(found)
-            read += tensor.source.source_nbytes
-            done += spec.nbytes
-            if progress:
-                progress(done, total)
-        written = writer.close()
+    written, read, nonfinite = write_file(source, tensors, dtype, target.nonfinite, path, progress)
     return RankResult(
         rank=rank,
         file=path.name,

@@ -12,8 +12,6 @@ tensor at a time and fetches from S3 only the byte ranges its tensors read.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import re
 import sys
@@ -34,10 +32,9 @@ from converters.hf.tokenizer import (
     TokenizerInfo,
     read_tokenizer,
 )
-from converters.model import DTYPES, ModelConfig
-from converters.trtllm.plan import NONFINITE_POLICIES
+from converters.model import ModelConfig
 from tasks.jobs.checks import InvalidSpec, check_fields, check_int, check_location, show
-from tasks.jobs.ids import identity_digest, job_id, output_tag, tag_digest
+from tasks.jobs.ids import tag_digest
 from tasks.jobs.outputs import artifact_result
 from tasks.kinds import register
 from tasks.kinds.base import (
@@ -49,6 +46,14 @@ from tasks.kinds.base import (
     bytes_progress,
     human,
     local_location,
+)
+from tasks.kinds.megatron_source import (
+    add_source_arguments,
+    check_source_spec,
+    inspect_megatron,
+    print_summary_head,
+    put_json,
+    source_fields,
 )
 from tasks.ops.memory import PeakAnonSampler, peak_rss_bytes, reset_peak_rss
 from tasks.storage import sources
@@ -86,14 +91,7 @@ class HfSpec:
     nonfinite: str = "warn"
 
     def __post_init__(self) -> None:
-        if self.kind != KIND:
-            raise InvalidSpec(f"kind must be {KIND!r}, got {show(self.kind)}")
-        check_location(self.source, "SOURCE")
-        check_location(self.output, "OUTPUT")
-        if self.output == self.source or self.output.startswith(self.source.rstrip("/") + "/"):
-            raise InvalidSpec(f"OUTPUT {show(self.output)} lies inside SOURCE")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise InvalidSpec(f"dtype {show(self.dtype)} is not one of {', '.join(DTYPES)}")
+        check_source_spec(self, KIND)
         check_int(self.max_shard_size, "max_shard_size", 1, 2**62)
         if self.architecture is not None and (
             not isinstance(self.architecture, str)
@@ -104,10 +102,6 @@ class HfSpec:
             check_int(self.vocab_size, "vocab_size", 1, MAX_VOCAB)
         if self.tokenizer is not None:
             check_location(self.tokenizer, "TOKENIZER")
-        if self.nonfinite not in NONFINITE_POLICIES:
-            raise InvalidSpec(
-                f"nonfinite {show(self.nonfinite)} is not one of {', '.join(NONFINITE_POLICIES)}"
-            )
 
     @property
     def target(self) -> HfTarget:
@@ -130,31 +124,17 @@ class HfSpec:
 
 def inspect_source(spec: HfSpec) -> dict[str, Any]:
     """Read the source's metadata only: format, model config, identity, the shard plan."""
-    identity = sources.source_identity(spec.source)
-    source = sources.open_source(spec.source)
-    try:
+
+    def plan(source: Any) -> dict[str, Any]:
         check_target(source.config, spec.target)
         shards = plan_shards(source, spec.target)
-    except ConversionError as exc:
-        if exc.path is None:  # name the checkpoint that does not fit
-            raise type(exc)(str(exc), spec.source) from None
-        raise
-    tokenizer = _check_tokenizer(spec, source.config.vocab_size)
-    job, digest = job_id(spec, identity), identity_digest(identity)
-    return {
-        "tokenizer": tokenizer,
-        "job_id": job,
-        "tag": output_tag(job, digest),
-        "source_digest": digest,
-        "format": source.format,
-        "source_tp": source.tp,
-        "source_pp": source.pp,
-        "architecture": family_for(source.config, spec.architecture).architecture,
-        "config": source.config.to_dict(),
-        "files": [entry[0] for entry in identity],
-        "source_bytes": sum(entry[1] for entry in identity),
-        "shards": [asdict(shard) for shard in shards],
-    }
+        return {
+            "architecture": family_for(source.config, spec.architecture).architecture,
+            "shards": [asdict(shard) for shard in shards],
+            "tokenizer": _check_tokenizer(spec, source.config.vocab_size),
+        }
+
+    return inspect_megatron(spec, plan)
 
 
 def _fetch_tokenizer(uri: str, directory: Path) -> TokenizerInfo:
@@ -227,16 +207,6 @@ def convert_shard_step(
     }
 
 
-def _put_json(spec: HfSpec, tag: str, key: str, data: dict[str, Any]) -> dict[str, Any]:
-    store = open_store(spec.output)
-    body = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-    sha = hashlib.sha256(body).hexdigest()
-    with store.scratch(key) as tmp:
-        tmp.write_bytes(body)
-        store.put_file(tmp, key, sha256=sha, tag=tag, move=True)
-    return {"file": key, "bytes_written": len(body), "sha256": sha}
-
-
 def _copy_tokenizer(spec: HfSpec, tag: str, files: list[str]) -> list[dict[str, Any]]:
     source, out, copied = open_store(spec.tokenizer or ""), open_store(spec.output), []
     for name in files:
@@ -254,14 +224,14 @@ def write_config_step(spec: HfSpec, tag: str, inspected: dict[str, Any]) -> dict
     tokenizer = inspected.get("tokenizer") or {}
     special = {k: tokenizer.get(k) for k in ("bos_token_id", "eos_token_id")}
     files = [
-        _put_json(spec, tag, "config.json", hf_config(config, spec.target)),
-        _put_json(spec, tag, "generation_config.json", generation_config(config, **special)),
+        put_json(spec.output, tag, "config.json", hf_config(config, spec.target)),
+        put_json(spec.output, tag, "generation_config.json", generation_config(config, **special)),
         *_copy_tokenizer(spec, tag, tokenizer.get("files", [])),
     ]
     shards = inspected["shards"]
     if len(shards) > 1:
         index = shard_index(shards)
-        files.append(_put_json(spec, tag, "model.safetensors.index.json", index))
+        files.append(put_json(spec.output, tag, "model.safetensors.index.json", index))
     return {"files": files, "bytes_written": sum(f["bytes_written"] for f in files)}
 
 
@@ -297,17 +267,7 @@ SHARDS = Phase(
 
 
 def _add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    where = "a path the workers see" if command == "submit" else "a local path"
-    parser.add_argument(
-        "source",
-        help=f"Megatron checkpoint (root or iteration directory; legacy or torch_dist): "
-        f"s3://bucket/prefix or {where}",
-    )
-    if command != "plan":
-        parser.add_argument("output", help=f"output (must be empty): s3://bucket/prefix or {where}")
-    parser.add_argument(
-        "--dtype", choices=list(DTYPES), help="output dtype (default: the checkpoint's)"
-    )
+    add_source_arguments(parser, command)
     parser.add_argument(
         "--max-shard-size",
         default="5GB",
@@ -327,36 +287,21 @@ def _add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         help="directory (or s3:// prefix) of tokenizer files to copy next to the weights "
         "(checked: they parse, and the tokenizer fits the vocab)",
     )
-    parser.add_argument(
-        "--nonfinite",
-        choices=["warn", "error"],
-        default="warn",
-        help="NaN/infinite weights: list them in the summary (warn, default) or fail (error)",
-    )
 
 
 def _spec_from_args(args: argparse.Namespace) -> HfSpec:
-    output = getattr(args, "output", "-")
     return HfSpec(
-        source=local_location(args.source, "SOURCE"),
-        output=output if output == "-" else local_location(output, "OUTPUT"),
-        dtype=args.dtype,
+        **source_fields(args),
         max_shard_size=parse_size(args.max_shard_size),
         architecture=args.architecture,
         vocab_size=args.vocab_size,
         tokenizer=None if args.tokenizer is None else local_location(args.tokenizer, "TOKENIZER"),
-        nonfinite=args.nonfinite,
     )
 
 
 def _report(spec: HfSpec, summary: Any) -> None:
     """The closing summary of `porter convert megatron-hf`."""
-    rate = summary.bytes_written / summary.seconds / 1e9 if summary.seconds else 0.0
-    print(f"converted {spec.source} -> {summary.output} (Hugging Face layout) job {summary.job_id}")
-    print(
-        f"{summary.seconds:.2f} s, {summary.workers} worker(s); read {human(summary.bytes_read)}, "
-        f"wrote {human(summary.bytes_written)} ({rate:.2f} GB/s)"
-    )
+    print_summary_head(spec, summary, "Hugging Face layout")
     print(f"{'bytes':>12}  {'seconds':>8}  {'peak anon':>11}  sha256            file")
     for r in summary.fanned("shard"):
         print(

@@ -11,8 +11,6 @@ rank whose artifact already carries this job's tag is returned as it is.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -20,14 +18,13 @@ from typing import Any
 
 from config.queues import GPU_QUEUE
 from config.settings import Settings
-from converters.errors import ConversionError
-from converters.model import DTYPES, ModelConfig
+from converters.model import ModelConfig
 from converters.trtllm.config import trtllm_config
 from converters.trtllm.convert import Progress, convert_rank, rank_file_name
 from converters.trtllm.families import family_for
-from converters.trtllm.plan import NONFINITE_POLICIES, Target, check_target, estimate_rank
-from tasks.jobs.checks import InvalidSpec, check_bool, check_fields, check_int, check_location, show
-from tasks.jobs.ids import identity_digest, job_id, output_tag, tag_digest
+from converters.trtllm.plan import Target, check_target, estimate_rank
+from tasks.jobs.checks import InvalidSpec, check_bool, check_fields, check_int
+from tasks.jobs.ids import tag_digest
 from tasks.jobs.outputs import artifact_result
 from tasks.kinds import register
 from tasks.kinds.base import (
@@ -38,7 +35,14 @@ from tasks.kinds.base import (
     StepContext,
     bytes_progress,
     human,
-    local_location,
+)
+from tasks.kinds.megatron_source import (
+    add_source_arguments,
+    check_source_spec,
+    inspect_megatron,
+    print_summary_head,
+    put_json,
+    source_fields,
 )
 from tasks.ops.memory import PeakAnonSampler, peak_rss_bytes, reset_peak_rss
 from tasks.storage import sources
@@ -60,29 +64,18 @@ class ConvertSpec:
     dtype: str | None = None
     parallel_embedding: bool = False
     engines: bool = False  # also build TensorRT-LLM engines (gpu queue)
-    kind: str = "megatron-trtllm"
+    kind: str = KIND
     # NaN/infinite weights: "warn" (listed in each rank's result) or "error" (the rank fails).
     nonfinite: str = "warn"
 
     def __post_init__(self) -> None:
-        if self.kind != "megatron-trtllm":
-            raise InvalidSpec(f"kind must be 'megatron-trtllm', got {show(self.kind)}")
-        check_location(self.source, "SOURCE")
-        check_location(self.output, "OUTPUT")
-        if self.output == self.source or self.output.startswith(self.source.rstrip("/") + "/"):
-            raise InvalidSpec(f"OUTPUT {show(self.output)} lies inside SOURCE")
+        check_source_spec(self, KIND)
         check_int(self.tp, "tp", 1, MAX_PARALLEL)
         check_int(self.pp, "pp", 1, MAX_PARALLEL)
         if self.tp * self.pp > MAX_PARALLEL:
             raise InvalidSpec(f"tp x pp = {self.tp * self.pp} ranks (at most {MAX_PARALLEL})")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise InvalidSpec(f"dtype {show(self.dtype)} is not one of {', '.join(DTYPES)}")
         check_bool(self.parallel_embedding, "parallel_embedding")
         check_bool(self.engines, "engines")
-        if self.nonfinite not in NONFINITE_POLICIES:
-            raise InvalidSpec(
-                f"nonfinite {show(self.nonfinite)} is not one of {', '.join(NONFINITE_POLICIES)}"
-            )
 
     @property
     def target(self) -> Target:
@@ -108,29 +101,16 @@ class ConvertSpec:
 
 def inspect_source(spec: ConvertSpec) -> dict[str, Any]:
     """Read the source's metadata only: format, model config, identity, per-rank cost estimates."""
-    identity = sources.source_identity(spec.source)
-    source = sources.open_source(spec.source)
     target = spec.target
-    try:
+
+    def plan(source: Any) -> dict[str, Any]:
         check_target(source.config, target)
-    except ConversionError as exc:
-        if exc.path is None:  # name the checkpoint whose shape does not fit
-            raise type(exc)(str(exc), spec.source) from None
-        raise
-    job, digest = job_id(spec, identity), identity_digest(identity)
-    return {
-        "job_id": job,
-        "tag": output_tag(job, digest),
-        "source_digest": digest,
-        "format": source.format,
-        "source_tp": source.tp,
-        "source_pp": source.pp,
-        "family": family_for(source.config).name,
-        "config": source.config.to_dict(),
-        "files": [entry[0] for entry in identity],
-        "source_bytes": sum(entry[1] for entry in identity),
-        "ranks": [asdict(estimate_rank(source, target, r)) for r in range(target.world_size)],
-    }
+        return {
+            "family": family_for(source.config).name,
+            "ranks": [asdict(estimate_rank(source, target, r)) for r in range(target.world_size)],
+        }
+
+    return inspect_megatron(spec, plan)
 
 
 def convert_rank_step(
@@ -164,14 +144,8 @@ def convert_rank_step(
 
 def write_config_step(spec: ConvertSpec, tag: str, inspected: dict[str, Any]) -> dict[str, Any]:
     """Write `config.json` to OUTPUT (from `inspect_source`'s model config)."""
-    store = open_store(spec.output)
     config = ModelConfig(**inspected["config"])
-    data = (json.dumps(trtllm_config(config, spec.target), indent=2) + "\n").encode()
-    sha = hashlib.sha256(data).hexdigest()
-    with store.scratch(CONFIG) as tmp:
-        tmp.write_bytes(data)
-        store.put_file(tmp, CONFIG, sha256=sha, tag=tag, move=True)
-    return {"file": CONFIG, "bytes_written": len(data), "sha256": sha}
+    return put_json(spec.output, tag, CONFIG, trtllm_config(config, spec.target))
 
 
 def source_summary(inspected: dict[str, Any]) -> dict[str, Any]:
@@ -233,31 +207,13 @@ ENGINES = Phase(
 
 
 def _add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    if command == "plan":
-        parser.add_argument("source")
-    else:
-        where = "a path the workers see" if command == "submit" else "a local path"
-        parser.add_argument(
-            "source",
-            help=f"Megatron checkpoint (root or iteration directory; legacy or torch_dist): "
-            f"s3://bucket/prefix or {where}",
-        )
-        parser.add_argument("output", help=f"output (must be empty): s3://bucket/prefix or {where}")
+    add_source_arguments(parser, command)
     parser.add_argument("--tp", type=int, required=True, help="target tensor-parallel size")
     parser.add_argument(
         "--pp", type=int, default=1, help="target pipeline-parallel size (default 1)"
     )
     parser.add_argument(
-        "--dtype", choices=list(DTYPES), help="output dtype (default: the checkpoint's)"
-    )
-    parser.add_argument(
         "--parallel-embedding", action="store_true", help="split the vocab embedding over TP ranks"
-    )
-    parser.add_argument(
-        "--nonfinite",
-        choices=["warn", "error"],
-        default="warn",
-        help="NaN/infinite weights: list them in the summary (warn, default) or fail (error)",
     )
     if command == "submit":
         parser.add_argument(
@@ -266,30 +222,19 @@ def _add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def _spec_from_args(args: argparse.Namespace) -> ConvertSpec:
-    output = getattr(args, "output", "-")
     return ConvertSpec(
-        source=local_location(args.source, "SOURCE"),
-        output=output if output == "-" else local_location(output, "OUTPUT"),
+        **source_fields(args),
         tp=args.tp,
         pp=args.pp,
-        dtype=args.dtype,
         parallel_embedding=args.parallel_embedding,
         engines=getattr(args, "engines", False),
-        nonfinite=args.nonfinite,
     )
 
 
 def _report(spec: ConvertSpec, summary: Any) -> None:
     """The closing summary of `porter convert megatron-trtllm`."""
     ranks = summary.fanned("reshard")
-    rate = summary.bytes_written / summary.seconds / 1e9 if summary.seconds else 0.0
-    print(
-        f"converted {spec.source} -> {summary.output} (TP={spec.tp}, PP={spec.pp}) job {summary.job_id}"
-    )
-    print(
-        f"{summary.seconds:.2f} s, {summary.workers} worker(s); read {human(summary.bytes_read)}, "
-        f"wrote {human(summary.bytes_written)} ({rate:.2f} GB/s)"
-    )
+    print_summary_head(spec, summary, f"TP={spec.tp}, PP={spec.pp}")
     print(
         f"{'rank':>4}  {'bytes':>12}  {'seconds':>8}  {'peak anon':>11}  {'peak rss':>11}  sha256"
     )

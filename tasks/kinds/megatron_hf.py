@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,6 +53,7 @@ from tasks.kinds.megatron_source import (
     print_summary_head,
     put_json,
     source_fields,
+    warn_nonfinite,
 )
 from tasks.ops.memory import PeakAnonSampler, peak_rss_bytes, reset_peak_rss
 from tasks.storage import sources
@@ -303,18 +303,14 @@ def _report(spec: HfSpec, summary: Any) -> None:
     """The closing summary of `porter convert megatron-hf`."""
     print_summary_head(spec, summary, "Hugging Face layout")
     print(f"{'bytes':>12}  {'seconds':>8}  {'peak anon':>11}  sha256            file")
-    for r in summary.fanned("shard"):
+    shards = summary.fanned("shard")
+    for r in shards:
         print(
             f"{human(r['bytes_written']):>12}  {r['seconds']:>8.2f}  "
             f"{human(r['peak_anon_bytes']):>11}  {r['sha256'][:16]}  {r['file']}"
             + ("  (reused)" if r.get("reused") else "")
         )
-        for found in r.get("nonfinite", []):
-            print(
-                f"warning: {found['tensor']} has {found['count']} NaN/infinite value(s) "
-                f"(from {', '.join(found['files'])}); --nonfinite error refuses them",
-                file=sys.stderr,
-            )
+    warn_nonfinite(shards, lambda r: "")
 
 
 def _print_plan(inspected: dict[str, Any]) -> None:

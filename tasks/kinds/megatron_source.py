@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -115,3 +116,15 @@ def print_summary_head(spec: Any, summary: Any, what: str) -> None:
         f"{summary.seconds:.2f} s, {summary.workers} worker(s); read {human(summary.bytes_read)}, "
         f"wrote {human(summary.bytes_written)} ({rate:.2f} GB/s)"
     )
+
+
+def warn_nonfinite(results: list[dict[str, Any]], where: Callable[[dict[str, Any]], str]) -> None:
+    """On stderr, one line per tensor with NaN/infinite values that the steps (`results`) found
+    and kept (`--nonfinite warn`); `where(result)` says which step, e.g. "rank 1: "."""
+    for result in results:
+        for found in result.get("nonfinite", []):
+            print(
+                f"warning: {where(result)}{found['tensor']} has {found['count']} NaN/infinite "
+                f"value(s) (from {', '.join(found['files'])}); --nonfinite error refuses them",
+                file=sys.stderr,
+            )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -43,6 +42,7 @@ from tasks.kinds.megatron_source import (
     print_summary_head,
     put_json,
     source_fields,
+    warn_nonfinite,
 )
 from tasks.ops.memory import PeakAnonSampler, peak_rss_bytes, reset_peak_rss
 from tasks.storage import sources
@@ -244,13 +244,7 @@ def _report(spec: ConvertSpec, summary: Any) -> None:
             f"{human(r['peak_anon_bytes']):>11}  {human(r['peak_rss_bytes']):>11}  {r['sha256'][:16]}"
             + ("  (reused)" if r.get("reused") else "")
         )
-    for r in ranks:
-        for found in r.get("nonfinite", []):
-            print(
-                f"warning: rank {r['rank']}: {found['tensor']} has {found['count']} NaN/infinite "
-                f"value(s) (from {', '.join(found['files'])}); --nonfinite error refuses them",
-                file=sys.stderr,
-            )
+    warn_nonfinite(ranks, lambda r: f"rank {r['rank']}: ")
 
 
 def _print_plan(inspected: dict[str, Any]) -> None:

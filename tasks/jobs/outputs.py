@@ -8,6 +8,7 @@ committed job returns its manifest, so a re-delivered publish is harmless.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +53,16 @@ def artifact_result(store: ArtifactStore, key: str, tag: str) -> dict[str, Any] 
     if art is None or art.tag != tag or art.sha256 is None:
         return None
     return {"file": key, "bytes_written": art.bytes, "sha256": art.sha256, "reused": True}
+
+
+def put_bytes(store: ArtifactStore, key: str, data: bytes, tag: str) -> dict[str, Any]:
+    """Write a small artifact (a config, a provenance record) as `key`, atomically and tagged;
+    the step result that lists it in the manifest."""
+    sha = hashlib.sha256(data).hexdigest()
+    with store.scratch(key) as tmp:
+        tmp.write_bytes(data)
+        store.put_file(tmp, key, sha256=sha, tag=tag, move=True)
+    return {"file": key, "bytes_written": len(data), "sha256": sha}
 
 
 def publish_step(

@@ -5,7 +5,6 @@ of their closing summary. Not a job kind itself."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from converters.model import DTYPES
 from converters.trtllm.plan import NONFINITE_POLICIES
 from tasks.jobs.checks import InvalidSpec, check_location, show
 from tasks.jobs.ids import identity_digest, job_id, output_tag
+from tasks.jobs.outputs import put_bytes
 from tasks.kinds.base import human, local_location
 from tasks.storage import sources
 from tasks.storage.store import open_store
@@ -67,13 +67,7 @@ def inspect_megatron(spec: Any, plan: Callable[[SourceCheckpoint], dict[str, Any
 
 def put_json(output: str, tag: str, key: str, data: dict[str, Any]) -> dict[str, Any]:
     """Write `data` as `key` in OUTPUT (atomically, tagged); the step result of that file."""
-    store = open_store(output)
-    body = (json.dumps(data, indent=2) + "\n").encode()
-    sha = hashlib.sha256(body).hexdigest()
-    with store.scratch(key) as tmp:
-        tmp.write_bytes(body)
-        store.put_file(tmp, key, sha256=sha, tag=tag, move=True)
-    return {"file": key, "bytes_written": len(body), "sha256": sha}
+    return put_bytes(open_store(output), key, (json.dumps(data, indent=2) + "\n").encode(), tag)
 
 
 def add_source_arguments(parser: argparse.ArgumentParser, command: str) -> None:

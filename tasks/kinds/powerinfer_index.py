@@ -39,9 +39,9 @@ from converters.powerinfer.solver import (
 )
 from tasks.jobs.checks import InvalidSpec, check_fields, check_int, check_location
 from tasks.jobs.ids import identity_digest, job_id, output_tag
+from tasks.jobs.outputs import put_bytes
 from tasks.kinds import register
 from tasks.kinds.base import JobKind, KindCli, Phase, Step, StepContext, local_location
-from tasks.storage.base import ArtifactStore
 from tasks.storage.cache import CachedFetcher
 from tasks.storage.store import open_store
 
@@ -216,13 +216,6 @@ def solve_step(spec: IndexSpec, inspected: dict, stats: list[dict[str, Any]]) ->
     return splits
 
 
-def _put_bytes(store: ArtifactStore, key: str, data: bytes, tag: str) -> dict[str, Any]:
-    with store.scratch(key) as tmp:
-        tmp.write_bytes(data)
-        art = store.put_file(tmp, key, tag=tag, move=True)
-    return {"file": key, "bytes_written": art.bytes, "sha256": art.sha256}
-
-
 def top_k_step(
     spec: IndexSpec, job: str, tag: str, layer: int, key: str, counts: list[int]
 ) -> dict[str, Any]:
@@ -267,7 +260,7 @@ def assemble_step(
                 "source": spec.activations,
             }
             data = (json.dumps(provenance, indent=2, sort_keys=True) + "\n").encode()
-            files.append(_put_bytes(out, f"{name}.porter.json", data, tag))
+            files.append(put_bytes(out, f"{name}.porter.json", data, tag))
     return files
 
 

@@ -10,6 +10,7 @@ class ConversionError(Exception):
 
     def __init__(self, message: str, path: Path | str | None = None) -> None:
         self.path = str(path) if path is not None else None
+        self.reason = message  # what is wrong, without the path (to name another one instead)
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
 

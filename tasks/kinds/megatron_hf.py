@@ -152,9 +152,8 @@ def _fetch_tokenizer(uri: str, directory: Path) -> TokenizerInfo:
     try:
         return read_tokenizer(directory)
     except ConversionError as exc:  # name the files as the user gave them, not the copies
-        message = str(exc).removeprefix(f"{exc.path}: ") if exc.path else str(exc)
         name = Path(exc.path).name if exc.path and Path(exc.path) != directory else ""
-        raise type(exc)(message, store.uri(name)) from None
+        raise type(exc)(exc.reason, store.uri(name)) from None
 
 
 def _check_tokenizer(spec: HfSpec, rows: int) -> dict[str, Any] | None:

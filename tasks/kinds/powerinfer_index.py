@@ -170,8 +170,7 @@ def _load(spec: IndexSpec, key: str) -> np.ndarray:
     try:
         return load_layer(path)
     except ConversionError as exc:  # name the object, not the cached copy
-        message = str(exc).removeprefix(f"{exc.path}: ") if exc.path else str(exc)
-        raise type(exc)(message, store.uri(key)) from None
+        raise type(exc)(exc.reason, store.uri(key)) from None
 
 
 def layer_stats_step(spec: IndexSpec, layer: int, key: str) -> dict[str, Any]:

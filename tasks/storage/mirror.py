@@ -117,7 +117,7 @@ def _fetch_zip_metadata(part: SparseObject, stats: FetchStats) -> None:
     try:
         records = zip_records(part.data)
     except CorruptCheckpoint as exc:
-        raise CorruptCheckpoint(str(exc).removeprefix(f"{exc.path}: "), part.uri) from exc
+        raise CorruptCheckpoint(exc.reason, part.uri) from exc
     small = [(s, s + n) for name, (s, n) in records.items() if not is_storage_record(name)]
     part.ensure(small, stats)
 
@@ -189,7 +189,7 @@ class Mirror:
         local, uri = str(self.dir), self.location.uri
         if exc.path is None or not exc.path.startswith(local):
             return exc
-        message = str(exc).removeprefix(f"{exc.path}: ").replace(local, uri)
+        message = exc.reason.replace(local, uri)
         try:
             return type(exc)(message, uri + exc.path[len(local) :])
         except TypeError:  # a subclass with another signature

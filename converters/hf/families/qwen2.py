@@ -35,9 +35,14 @@ class Qwen2Family(HfFamily):
 
     @classmethod
     def config_fields(cls, cfg: ModelConfig) -> dict[str, Any]:
-        return {
-            **llama_style_fields(cfg),
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "max_window_layers": cfg.num_layers,
-        }
+        return qwen_fields(cfg)
+
+
+def qwen_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """The Llama-style fields, with the Qwen configs' sliding window switched off."""
+    return {
+        **llama_style_fields(cfg),
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": cfg.num_layers,
+    }

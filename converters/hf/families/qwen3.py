@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from converters.hf.families.base import HfFamily, register
-from converters.hf.families.llama import llama_style_fields, llama_style_mismatches
+from converters.hf.families.llama import llama_style_mismatches
+from converters.hf.families.qwen2 import qwen_fields
 from converters.model import ModelConfig
 
 
@@ -32,10 +33,4 @@ class Qwen3Family(HfFamily):
     @classmethod
     def config_fields(cls, cfg: ModelConfig) -> dict[str, Any]:
         # llama_style_fields writes head_dim = kv_channels: Qwen3 heads need not be hidden / heads.
-        return {
-            **llama_style_fields(cfg),
-            "attention_bias": False,
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "max_window_layers": cfg.num_layers,
-        }
+        return {**qwen_fields(cfg), "attention_bias": False}

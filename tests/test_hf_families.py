@@ -167,24 +167,13 @@ def test_the_fixtures_feel_a_misplaced_norm_or_bias(converted, tmp_path, family,
     assert diff > FELT, f"{change} changes the logits by only {diff:.3g}"
 
 
-@pytest.mark.parametrize(
-    ("family", "feature"),
-    [("qwen3", "qk-layernorm"), ("llama31", r"Llama-3\.1 RoPE scaling \(rope_scaling_factor=8\)")],
-)
-def test_tensorrt_llm_target_refuses_what_it_does_not_write(megatron, family, feature):
-    source = open_checkpoint(megatron(family).paths[HF_LAYOUTS[1]])
-    reason = rf"{feature}.* not supported by the TensorRT-LLM target"
-    with pytest.raises(UnsupportedModel, match=reason):
-        rank_tensors(source, Target(tp=2), 0)
-    with pytest.raises(UnsupportedModel, match=reason):
-        trtllm_config(source.config, Target(tp=1))
-
-
-def test_tensorrt_llm_target_still_takes_qwen2(megatron):
+def test_tensorrt_llm_target_takes_qwen2_as_qwen2(megatron):
+    """The TensorRT-LLM target writes these families too (tests/test_trtllm_families.py)."""
     source = open_checkpoint(megatron("qwen2").paths[HF_LAYOUTS[1]])
     names = [t.name for t in rank_tensors(source, Target(tp=2), 1)]
     assert "transformer.layers.0.attention.qkv.bias" in names
-    assert trtllm_config(source.config, Target(tp=2))["architecture"] == "LlamaForCausalLM"
+    assert "transformer.layers.0.attention.dense.bias" not in names
+    assert trtllm_config(source.config, Target(tp=2))["architecture"] == "Qwen2ForCausalLM"
 
 
 def test_architectures_refuse_what_they_cannot_compute(megatron):

@@ -94,10 +94,32 @@ class _RankFile:
         return sorted(set(self.tensors) - self.used)
 
 
-def _rope(t: torch.Tensor, rot_dim: int, base: float) -> torch.Tensor:
+def _llama3_scaling(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama-3.1 frequency scaling, as megatron-core's ``RotaryEmbedding._apply_scaling`` (and HF's
+    ``_compute_llama3_parameters``) compute it, from the four fields of ``rotary_scaling``."""
+    for key in (
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+    ):
+        _check(key in scaling, f"rotary_scaling of type llama3 lacks {key!r}: {scaling}")
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _rope(t: torch.Tensor, rot_dim: int, base: float, scaling: dict | None = None) -> torch.Tensor:
     """Megatron ``_apply_rotary_pos_emb_bshd`` (non-interleaved). ``t``: [seq, heads, d]."""
     seq = t.shape[0]
     inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
+    if scaling is not None:
+        inv_freq = _llama3_scaling(inv_freq, scaling)
     freqs = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)  # [seq, rot_dim/2]
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [seq, 1, rot_dim]
     t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]
@@ -144,8 +166,10 @@ def reference_logits(
         return cfg[key]
 
     arch = need("architecture")
-    _check(arch in ("GPTForCausalLM", "LlamaForCausalLM"), f"unsupported architecture {arch!r}")
-    is_llama = arch == "LlamaForCausalLM"
+    llama_style = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+    _check(arch in ("GPTForCausalLM", *llama_style), f"unsupported architecture {arch!r}")
+    is_llama = arch in llama_style
+    qwen = arch.startswith("Qwen")
     V = int(need("vocab_size"))
     h = int(need("hidden_size"))
     L = int(need("num_hidden_layers"))
@@ -172,17 +196,28 @@ def reference_logits(
         _check(act_name == "silu", f"Llama hidden_act must be 'silu', got {act_name!r}")
         gated = True
         attn_bias = bool(cfg.get("attn_bias", False))
+        dense_bias = attn_bias and not qwen  # QWenDecoderLayer: Attention(dense_bias=False)
         mlp_bias = bool(cfg.get("mlp_bias", False))
         norm_bias = False
-        _check(cfg.get("rotary_scaling") is None, "rotary_scaling is not supported")
+        if qwen:
+            expected = arch.removesuffix("ForCausalLM").lower()
+            _check(cfg.get("qwen_type") == expected, f"{arch} needs qwen_type {expected!r}")
+        rope_scaling = cfg.get("rotary_scaling")
+        if rope_scaling is not None:
+            kind = rope_scaling.get("type", rope_scaling.get("rope_type"))
+            _check(kind == "llama3", f"rotary_scaling type {kind!r} is not supported")
     else:
         _check(
             pos_type in ("learned_absolute", "rope_gpt_neox"),
             f"unsupported position_embedding_type {pos_type!r}",
         )
         gated = act_name in ("swiglu", "geglu")
-        attn_bias = mlp_bias = bool(cfg.get("bias", True))
+        attn_bias = dense_bias = mlp_bias = bool(cfg.get("bias", True))
         norm_bias = True
+        rope_scaling = None
+        _check(cfg.get("rotary_scaling") is None, "GPT rotary_scaling is not supported")
+    # Per-head query/key RMSNorm before RoPE (Qwen3's q_norm/k_norm, PretrainedConfig.qk_layernorm).
+    qk_norm = arch == "Qwen3ForCausalLM" or bool(cfg.get("qk_layernorm", False))
 
     if act_name in ("silu", "swiglu"):
 
@@ -312,6 +347,8 @@ def reference_logits(
                 f"{pre}.post_layernorm.weight",
                 f"{pre}.post_layernorm.bias",
                 f"{pre}.attention.dense.bias",
+                f"{pre}.attention.q_layernorm.weight",
+                f"{pre}.attention.k_layernorm.weight",
                 f"{pre}.mlp.proj.bias",
             ):
                 replicated(stage, name)
@@ -326,9 +363,12 @@ def reference_logits(
                 q = qkv[:, : nq_l * d].reshape(S, nq_l, d)
                 k = qkv[:, nq_l * d : (nq_l + kv_l) * d].reshape(S, kv_l, d)
                 v = qkv[:, (nq_l + kv_l) * d :].reshape(S, kv_l, d)
+                if qk_norm:
+                    q = F.rms_norm(q, (d,), f.get(f"{pre}.attention.q_layernorm.weight", (d,)), eps)
+                    k = F.rms_norm(k, (d,), f.get(f"{pre}.attention.k_layernorm.weight", (d,)), eps)
                 if rope:
-                    q = _rope(q, rot_dim, rotary_base)
-                    k = _rope(k, rot_dim, rotary_base)
+                    q = _rope(q, rot_dim, rotary_base, rope_scaling)
+                    k = _rope(k, rot_dim, rotary_base, rope_scaling)
                 kv_idx = torch.arange(nq_l) // q_per_kv
                 k = k[:, kv_idx]  # [S, nq_l, d]
                 v = v[:, kv_idx]
@@ -338,7 +378,7 @@ def reference_logits(
                 ctx = torch.einsum("hqk,khd->qhd", probs, v).reshape(S, nq_l * d)
                 wd = f.get(f"{pre}.attention.dense.weight", (h, nq_l * d))
                 partials.append(ctx @ wd.t())
-                dense_b.append(f.maybe(f"{pre}.attention.dense.bias", attn_bias, (h,)))
+                dense_b.append(f.maybe(f"{pre}.attention.dense.bias", dense_bias, (h,)))
             reduced = torch.stack(partials).sum(0)  # all-reduce
             xs = [
                 x + reduced + (b if b is not None else 0.0)

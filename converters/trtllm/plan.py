@@ -60,11 +60,7 @@ class RankEstimate:
 def unsupported_features(cfg: ModelConfig) -> list[str]:
     """What Porter reads from Megatron but does not write for TensorRT-LLM yet (the merge
     planner below handles them; the Hugging Face target writes them)."""
-    found = []
-    if cfg.qk_layernorm:
-        found.append("qk-layernorm (per-head query/key norms, Qwen3-style)")
-    if cfg.rope_scaling_factor is not None:
-        found.append(f"Llama-3.1 RoPE scaling (rope_scaling_factor={cfg.rope_scaling_factor:g})")
+    found: list[str] = []  # qk-layernorm and RoPE scaling: the families say (Qwen3, Llama 3.x)
     return found
 
 

@@ -7,8 +7,19 @@ from converters.errors import UnsupportedModel
 from converters.trtllm.families.base import FAMILIES, ModelFamily, register
 from converters.trtllm.families.gpt import GPTFamily
 from converters.trtllm.families.llama import LlamaFamily
+from converters.trtllm.families.qwen2 import Qwen2Family
+from converters.trtllm.families.qwen3 import Qwen3Family
 
-__all__ = ["FAMILIES", "GPTFamily", "LlamaFamily", "ModelFamily", "family_for", "register"]
+__all__ = [
+    "FAMILIES",
+    "GPTFamily",
+    "LlamaFamily",
+    "ModelFamily",
+    "Qwen2Family",
+    "Qwen3Family",
+    "family_for",
+    "register",
+]
 
 
 def family_for(cfg) -> ModelFamily:

@@ -17,9 +17,12 @@ class GPTFamily(ModelFamily):
 
     @classmethod
     def rejects(cls, cfg: ModelConfig) -> str | None:
-        if cfg.normalization != "LayerNorm":
-            return "needs LayerNorm"
-        return None
+        found = [] if cfg.normalization == "LayerNorm" else ["needs LayerNorm"]
+        if cfg.qk_layernorm:
+            found.append("qk-layernorm (not written for GPTForCausalLM)")
+        if cfg.rope_scaling_factor is not None:
+            found.append("Llama-3.1 RoPE scaling (not written for GPTForCausalLM)")
+        return "; ".join(found) or None
 
     @classmethod
     def biases(cls, cfg: ModelConfig) -> Biases:

@@ -152,7 +152,7 @@ def test_batch_files(tmp_path):
     good = {"kind": "megatron-trtllm", "source": "s3://bkt/src", "output": "s3://bkt/out", "tp": 2}
     path = tmp_path / "jobs.yaml"
     path.write_text(json.dumps([good, {**good, "output": "s3://bkt/out2", "tp": 4}]))
-    assert [s.tp for s in read_batch(path)] == [2, 4]  # JSON is YAML
+    assert [s.tp for s, _ in read_batch(path)] == [2, 4]  # JSON is YAML
     path.write_text(
         "jobs:\n"
         f"  - {json.dumps(good)}\n"

@@ -160,9 +160,10 @@ def submit_batch(args: argparse.Namespace) -> int:
     from tasks.jobs import service
     from tasks.jobs.batch import read_batch
 
-    specs = read_batch(args.batch_file)
+    entries = read_batch(args.batch_file)
     records = service.connect(interactive=True)
-    for job, created in service.submit_many([(s, {"trigger": "batch"}) for s in specs], records):
+    labelled = [(spec, {"trigger": "batch", **labels}) for spec, labels in entries]
+    for job, created in service.submit_many(labelled, records):
         print(job, flush=True)
         if not created:
             print(f"{job}: already submitted; nothing new queued", file=sys.stderr)

@@ -28,8 +28,8 @@ from fastapi.responses import JSONResponse
 from config.settings import Settings
 from converters.errors import ConversionError
 from tasks.jobs import service
+from tasks.jobs.iterations import parse_job
 from tasks.jobs.records import JobRecords
-from tasks.jobs.specs import parse_spec
 from tasks.ops.metrics_collector import render as render_metrics
 from tasks.storage.base import ArtifactError
 from tasks.storage.store import open_store
@@ -169,8 +169,8 @@ def create_app(
 
     @app.post("/v1/jobs", dependencies=[Depends(authorized)])
     async def submit(request: Request, response: Response) -> dict[str, Any]:
-        spec = parse_spec(hooks.parse_json(await request.body()), absolute=True)
-        job, created = service.submit(spec, recs(), trigger="api")
+        spec, labels = parse_job(hooks.parse_json(await request.body()))
+        job, created = service.submit(spec, recs(), trigger="api", **labels)
         response.status_code = 201 if created else 200
         return {"id": job, "created": created, "state": recs().state(job)}
 

@@ -4,8 +4,10 @@ Training-complete (POST /v1/hooks/training-complete), signed with `tasks.trigger
 
     {"profile": "llama-70b", "checkpoint": "s3://ckpts/llama-70b/iter_0003000", "iteration": 3000}
 
-`iteration` may be left out when `checkpoint` is a training output root: the one its
-`latest_checkpointed_iteration.txt` names is exported. Every export of the profile is submitted.
+`iteration` selects that iteration's directory under a training output root (`iter_0003000`; it
+must exist); a `checkpoint` that is an iteration directory must be that iteration (422 otherwise).
+Left out, the iteration the root's `latest_checkpointed_iteration.txt` names is exported. Every
+export of the profile is submitted.
 A signature is accepted once: a replay inside the window gets the first answer back and submits
 nothing (and, after the window, the timestamp check refuses it); dedup by job id stands behind it.
 
@@ -26,10 +28,11 @@ from typing import Any
 import redis
 
 from tasks.jobs.checks import InvalidSpec
+from tasks.jobs.iterations import checkpoint_at
 from tasks.jobs.records import JobRecords
 from tasks.storage import sources
 from tasks.triggers import checkpoints as triggers
-from tasks.triggers.profiles import Profile, check_iteration, profile_for_repo
+from tasks.triggers.profiles import Profile, profile_for_repo
 
 _SEEN = "porter:hook:seen:"
 _TRAINING_KEYS = {"profile", "checkpoint", "iteration"}
@@ -51,7 +54,7 @@ def parse_json(body: bytes) -> Any:
         raise HookRejected(f"the body is not JSON: {exc}") from None
 
 
-def _training_request(data: Any) -> tuple[str, str, str | None]:
+def _training_request(data: Any) -> tuple[str, str, int | str | None]:
     if not isinstance(data, dict):
         raise HookRejected("the body must be a JSON object")
     unknown = sorted(str(k)[:40] for k in set(data) - _TRAINING_KEYS)
@@ -61,10 +64,10 @@ def _training_request(data: Any) -> tuple[str, str, str | None]:
     if not isinstance(profile, str) or not isinstance(checkpoint, str):
         raise HookRejected("profile and checkpoint are required strings")
     iteration = data.get("iteration")
-    if iteration is not None:
-        if isinstance(iteration, bool) or not isinstance(iteration, int | str):
-            raise HookRejected("iteration must be a number or a string")
-        iteration = check_iteration(str(iteration))
+    if iteration is not None and (
+        isinstance(iteration, bool) or not isinstance(iteration, int | str)
+    ):
+        raise HookRejected("iteration must be a number or a string")
     return profile, checkpoint, iteration
 
 
@@ -86,6 +89,8 @@ def training_complete(
         profile = triggers.profile_named(name, profiles)
         if iteration is None:
             checkpoint, iteration = sources.latest_iteration(checkpoint)
+        else:  # that iteration's directory, which must exist (not whatever the tracker names)
+            checkpoint, iteration = checkpoint_at(checkpoint, iteration)
         jobs = triggers.submit_checkpoint(
             profile, checkpoint, iteration, records, trigger="hook:training-complete"
         )

@@ -14,7 +14,7 @@ import redis
 
 from converters.errors import ConversionError
 from converters.megatron.example import FAMILIES as EXAMPLE_FAMILIES
-from tasks.cli import convert, queue, schedule
+from tasks.cli import convert, queue, schedule, verify
 from tasks.kinds import all_kinds
 
 
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         if kind.cli.print_plan is not None:
             kind.cli.add_arguments(plan_kinds.add_parser(kind.name, help=kind.cli.help), "plan")
 
+    verify.add_command(commands)
     queue.add_commands(commands, kinds)
     schedule.add_commands(commands)
 
@@ -91,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plan": convert.plan,
         "example": convert.example,
         "inspect": convert.inspect,
+        "verify": verify.verify,
         "submit": queue.submit,
         "status": queue.status,
         "jobs": queue.jobs,

@@ -45,6 +45,12 @@ FIXTURE_SETS: dict[str, tuple[str, tuple[Layout, ...], dict]] = {
     "llama31": ("llama31", HF_LAYOUTS, {"seq_len": HF_SEQ_LEN}),
     "qwen2": ("qwen2", HF_LAYOUTS, {"seq_len": HF_SEQ_LEN}),
     "qwen3": ("qwen3", HF_LAYOUTS, {"seq_len": HF_SEQ_LEN}),
+    # Zero-centred norm weights (megatron-core 0.16's layernorm_zero_centered_gamma).
+    "qwen3_1p": (
+        "qwen3_1p",
+        (HF_LAYOUTS[0], HF_LAYOUTS[1], HF_LAYOUTS[3]),
+        {"seq_len": HF_SEQ_LEN},
+    ),
 }
 
 

@@ -22,6 +22,21 @@ _REQUIRED = (
 _UNSUPPORTED: tuple[tuple[str, Any, str], ...] = (
     ("num_experts", lambda v: v not in (None, 0, 1), "mixture-of-experts layers (MoE)"),
     ("qk_l2_norm", bool, "L2-normalised queries and keys"),
+    # Nemotron-NAS: per-layer block configs (attention/FFN replaced or resized per layer).
+    (
+        "heterogeneous_layers_config_path",
+        bool,
+        "heterogeneous layers (Nemotron-NAS block configs)",
+    ),
+    (
+        "heterogeneous_layers_config_encoded_json",
+        bool,
+        "heterogeneous layers (Nemotron-NAS block configs)",
+    ),
+    # Falcon: attention and MLP side by side on one normalised input (NeMo's Falcon config
+    # and megatron-core's exporter name it so); megatron-core's GPT layers are sequential.
+    ("parallel_attention", bool, "Falcon-style parallel attention and MLP"),
+    ("new_decoder_architecture", bool, "Falcon's new decoder architecture"),
     ("multi_latent_attention", bool, "multi-latent attention (MLA)"),
     ("rotary_interleaved", bool, "interleaved rotary embeddings"),
     ("squared_relu", bool, "squared-ReLU activation"),
@@ -147,7 +162,10 @@ def model_config_from_args(args: Any, stored_dtype: torch.dtype, path: Path) -> 
         ),
         normalization=normalization,
         norm_epsilon=_number(args, epsilon_name, 1e-5, path),
-        apply_layernorm_1p=bool(_get(args, "apply_layernorm_1p", False)),
+        # Megatron-LM core 0.16 saves `--apply-layernorm-1p` as layernorm_zero_centered_gamma.
+        apply_layernorm_1p=bool(
+            _get(args, "apply_layernorm_1p") or _get(args, "layernorm_zero_centered_gamma")
+        ),
         activation="silu" if _get(args, "swiglu", False) else "gelu",
         gated_mlp=bool(_get(args, "swiglu", False)),
         position_embedding_type=position,

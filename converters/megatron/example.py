@@ -131,6 +131,8 @@ _DEFAULTS: dict[str, Any] = {
     # Random biases and norm weights (megatron-core initialises them to 0 and 1, which hides a
     # bias or norm weight converted into the wrong place).
     "random_biases_and_norms": False,
+    # Megatron-LM core 0.16's name for --apply-layernorm-1p (saved in args under this name only).
+    "layernorm_zero_centered_gamma": False,
 }
 
 # The dense Hugging Face families: attention weights large enough (init_method_std) that
@@ -162,6 +164,9 @@ FAMILIES |= {
         "qk_layernorm": True,
     },
 }
+# Qwen3 with zero-centred norm weights (every norm, q/k included, computes 1 + weight), saved
+# under megatron-core 0.16's argument name only, as Megatron-LM core 0.16 saves it.
+FAMILIES["qwen3_1p"] = {**FAMILIES["qwen3"], "layernorm_zero_centered_gamma": True}
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from converters.megatron.example import Layout
+from converters.megatron.example_norm import use_zero_centred_norms
 from converters.megatron.example_save import LAYER_RE, megatron_args, save_legacy, save_torch_dist
 
 
@@ -125,7 +126,7 @@ def _transformer_config(job: dict[str, Any], tp: int, pp: int):
         kv_channels=hp["kv_channels"],
         normalization=hp["normalization"],
         layernorm_epsilon=hp["norm_epsilon"],
-        layernorm_zero_centered_gamma=hp["apply_layernorm_1p"],
+        layernorm_zero_centered_gamma=_zero_centred(hp),
         qk_layernorm=hp["qk_layernorm"],
         gated_linear_unit=hp["swiglu"],
         activation_func=torch.nn.functional.silu if hp["swiglu"] else _gelu,
@@ -152,6 +153,11 @@ def _transformer_config(job: dict[str, Any], tp: int, pp: int):
     )
 
 
+def _zero_centred(hp: dict[str, Any]) -> bool:
+    """Zero-centred norm weights, by the old or the megatron-core 0.16 argument name."""
+    return bool(hp["apply_layernorm_1p"] or hp["layernorm_zero_centered_gamma"])
+
+
 def _gelu(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.gelu(x)
 
@@ -166,6 +172,8 @@ def _build_model(job: dict[str, Any], tp: int, pp: int):
     spec = get_gpt_layer_local_spec(
         normalization=hp["normalization"], qk_layernorm=hp["qk_layernorm"]
     )
+    if _zero_centred(hp):
+        spec = use_zero_centred_norms(spec)
     torch.manual_seed(job["seed"])
     model = GPTModel(
         config=config,

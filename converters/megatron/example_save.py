@@ -39,6 +39,7 @@ def megatron_args(job: dict[str, Any], layout: Layout) -> argparse.Namespace:
         normalization=hp["normalization"],
         norm_epsilon=hp["norm_epsilon"],
         apply_layernorm_1p=hp["apply_layernorm_1p"],
+        layernorm_zero_centered_gamma=hp["layernorm_zero_centered_gamma"],
         position_embedding_type=hp["position_embedding_type"],
         rotary_base=hp["rotary_base"],
         rotary_percent=hp["rotary_percent"],

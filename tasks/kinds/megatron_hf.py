@@ -55,6 +55,7 @@ from tasks.kinds.megatron_source import (
     source_fields,
     warn_nonfinite,
 )
+from tasks.kinds.verify_step import verification_summary, verify_phase, verify_plan
 from tasks.ops.memory import PeakAnonSampler, peak_rss_bytes, reset_peak_rss
 from tasks.storage import sources
 from tasks.storage.store import open_store
@@ -89,6 +90,7 @@ class HfSpec:
     tokenizer: str | None = None  # a directory (or s3:// prefix) of tokenizer files to copy
     kind: str = KIND
     nonfinite: str = "warn"
+    verify: bool = False  # run `porter verify` on the export before publishing
 
     def __post_init__(self) -> None:
         check_source_spec(self, KIND)
@@ -114,7 +116,10 @@ class HfSpec:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not data["verify"]:  # the default: job ids stay what they were before it
+            del data["verify"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> HfSpec:
@@ -132,6 +137,7 @@ def inspect_source(spec: HfSpec) -> dict[str, Any]:
             "architecture": family_for(source.config, spec.architecture).architecture,
             "shards": [asdict(shard) for shard in shards],
             "tokenizer": _check_tokenizer(spec, source.config.vocab_size),
+            **verify_plan(spec, source.config.num_layers),
         }
 
     return inspect_megatron(spec, plan)
@@ -237,7 +243,7 @@ def write_config_step(spec: HfSpec, tag: str, inspected: dict[str, Any]) -> dict
 def source_summary(inspected: dict[str, Any]) -> dict[str, Any]:
     """What the manifest records about the Megatron source."""
     keys = ("format", "source_tp", "source_pp", "architecture", "source_bytes", "source_digest")
-    return {k: inspected[k] for k in keys}
+    return {**{k: inspected[k] for k in keys}, **verification_summary(inspected)}
 
 
 def _published(ctx: StepContext) -> list[dict[str, Any]]:
@@ -261,6 +267,8 @@ SHARDS = Phase(
         inspected["shards"][i]["bytes_written"],
     ),
 )
+
+VERIFY = verify_phase("porter.hf.verify", "porter.hf.verified")
 
 # ── the command line ──────────────────────────────────────────────────────────────────────────
 
@@ -334,7 +342,7 @@ KIND_SPEC = register(
         spec_type=HfSpec,
         identity=lambda spec: sources.source_identity(spec.source),
         inspect=inspect_source,
-        phases=(SHARDS,),
+        phases=(SHARDS, VERIFY),
         published=_published,
         source_summary=source_summary,
         progress=lambda record: bytes_progress(record, "shard", "shards"),

@@ -14,10 +14,11 @@ from converters.errors import ConversionError
 from converters.megatron.layout import SourceCheckpoint
 from converters.model import DTYPES
 from converters.trtllm.plan import NONFINITE_POLICIES
-from tasks.jobs.checks import InvalidSpec, check_location, show
+from tasks.jobs.checks import InvalidSpec, check_bool, check_location, show
 from tasks.jobs.ids import identity_digest, job_id, output_tag
 from tasks.jobs.outputs import put_bytes
 from tasks.kinds.base import human, local_location
+from tasks.kinds.verify_step import verification_line
 from tasks.storage import sources
 from tasks.storage.store import open_store
 
@@ -37,6 +38,7 @@ def check_source_spec(spec: Any, kind: str) -> None:
         raise InvalidSpec(
             f"nonfinite {show(spec.nonfinite)} is not one of {', '.join(NONFINITE_POLICIES)}"
         )
+    check_bool(spec.verify, "verify")
 
 
 def inspect_megatron(spec: Any, plan: Callable[[SourceCheckpoint], dict[str, Any]]) -> dict:
@@ -89,6 +91,12 @@ def add_source_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         default="warn",
         help="NaN/infinite weights: list them in the summary (warn, default) or fail (error)",
     )
+    if command != "plan":
+        parser.add_argument(
+            "--verify",
+            action="store_true",
+            help="before publishing, run `porter verify` on the export; a difference fails the job",
+        )
 
 
 def source_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,6 +107,7 @@ def source_fields(args: argparse.Namespace) -> dict[str, Any]:
         "output": output if output == "-" else local_location(output, "OUTPUT"),
         "dtype": args.dtype,
         "nonfinite": args.nonfinite,
+        "verify": getattr(args, "verify", False),
     }
 
 
@@ -110,6 +119,9 @@ def print_summary_head(spec: Any, summary: Any, what: str) -> None:
         f"{summary.seconds:.2f} s, {summary.workers} worker(s); read {human(summary.bytes_read)}, "
         f"wrote {human(summary.bytes_written)} ({rate:.2f} GB/s)"
     )
+    verified = verification_line(summary.results)
+    if verified:
+        print(verified)
 
 
 def warn_nonfinite(results: list[dict[str, Any]], where: Callable[[dict[str, Any]], str]) -> None:

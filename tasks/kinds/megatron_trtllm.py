@@ -44,6 +44,7 @@ from tasks.kinds.megatron_source import (
     source_fields,
     warn_nonfinite,
 )
+from tasks.kinds.verify_step import verification_summary, verify_phase, verify_plan
 from tasks.ops.memory import PeakAnonSampler, peak_rss_bytes, reset_peak_rss
 from tasks.storage import sources
 from tasks.storage.store import open_store
@@ -67,6 +68,7 @@ class ConvertSpec:
     kind: str = KIND
     # NaN/infinite weights: "warn" (listed in each rank's result) or "error" (the rank fails).
     nonfinite: str = "warn"
+    verify: bool = False  # run `porter verify` on the export before publishing
 
     def __post_init__(self) -> None:
         check_source_spec(self, KIND)
@@ -91,6 +93,8 @@ class ConvertSpec:
         data = asdict(self)
         if data["nonfinite"] == "warn":  # the default: job ids stay what they were before it
             del data["nonfinite"]
+        if not data["verify"]:  # likewise
+            del data["verify"]
         return data
 
     @classmethod
@@ -108,6 +112,7 @@ def inspect_source(spec: ConvertSpec) -> dict[str, Any]:
         return {
             "family": family_for(source.config).name,
             "ranks": [asdict(estimate_rank(source, target, r)) for r in range(target.world_size)],
+            **verify_plan(spec, source.config.num_layers),
         }
 
     return inspect_megatron(spec, plan)
@@ -151,7 +156,7 @@ def write_config_step(spec: ConvertSpec, tag: str, inspected: dict[str, Any]) ->
 def source_summary(inspected: dict[str, Any]) -> dict[str, Any]:
     """What the manifest records about a Megatron source (from `inspect_source`)."""
     keys = ("format", "source_tp", "source_pp", "family", "source_bytes", "source_digest")
-    return {k: inspected[k] for k in keys}
+    return {**{k: inspected[k] for k in keys}, **verification_summary(inspected)}
 
 
 def _published(ctx: StepContext) -> list[dict[str, Any]]:
@@ -191,6 +196,7 @@ RESHARD = Phase(
         inspected["ranks"][r]["bytes_written"],
     ),
 )
+VERIFY = verify_phase("porter.verify", "porter.verified")
 ENGINES = Phase(
     step="engine",
     task="porter.build_engine",
@@ -280,7 +286,7 @@ KIND_SPEC = register(
         spec_type=ConvertSpec,
         identity=lambda spec: sources.source_identity(spec.source),
         inspect=inspect_source,
-        phases=(RESHARD, ENGINES),
+        phases=(RESHARD, VERIFY, ENGINES),
         published=_published,
         source_summary=source_summary,
         progress=lambda record: bytes_progress(record, "reshard", "ranks"),

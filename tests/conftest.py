@@ -51,6 +51,12 @@ FIXTURE_SETS: dict[str, tuple[str, tuple[Layout, ...], dict]] = {
         (HF_LAYOUTS[0], HF_LAYOUTS[1], HF_LAYOUTS[3]),
         {"seq_len": HF_SEQ_LEN},
     ),
+    # Multi-query attention: megatron-core writes it at TP=1 only.
+    "starcoder": (
+        "starcoder",
+        (Layout("legacy", 1, 1), Layout("legacy", 1, 2), Layout("torch_dist", 1, 1)),
+        {},
+    ),
 }
 
 

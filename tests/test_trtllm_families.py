@@ -1,7 +1,7 @@
 """Today's dense families on the TensorRT-LLM target: Qwen2 (QKV bias, no dense bias), Qwen3
 (per-head q/k norms, explicit head size) and Llama 3.1 (RoPE scaling), written by megatron-core,
 converted to target TP 1/2/4 and run by the rank-emulating reference forward, which must
-reproduce Megatron's own logits. Their biases and norms are random and their attention weights
+reproduce Megatron's own logits; so does StarCoder (multi-query GPT). Their biases and norms are random and their attention weights
 large, so a misplaced bias or norm or a wrong rotary setting moves the logits far past 1e-4."""
 
 from __future__ import annotations
@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
 
-from tests.conftest import HF_LAYOUTS, read_json
+from converters.errors import UnsupportedModel
+from converters.megatron.args import model_config_from_args
+from tests.conftest import HF_LAYOUTS, LAYOUTS, read_json
 from tests.test_conversion import assert_matches_megatron, convert
 from tests.trtllm_reference import reference_logits
 
@@ -114,3 +117,46 @@ def test_the_fixtures_feel_each_feature(converted, tmp_path):
         _edit_config(copy, **changes)
         logits = reference_logits(copy, checkpoints.tokens, strict=False)
         assert (logits - checkpoints.logits).abs().max().item() > FELT, family
+
+
+# StarCoder (GPTBigCode): GPT with multi-query attention, converted as GPTForCausalLM (TensorRT-LLM
+# maps GPTBigCodeForCausalLM to it) with the one KV head copied to every rank.
+STARCODER_LAYOUTS = ("legacy_tp1_pp1", "legacy_tp1_pp2", "torch_dist_tp1_pp1")
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+@pytest.mark.parametrize("layout", STARCODER_LAYOUTS)
+def test_starcoder_multi_query_logits_match_megatron(megatron, tmp_path, layout, tp):
+    checkpoints = megatron("starcoder")
+    source = next(path for lay, path in checkpoints.paths.items() if lay.dirname == layout)
+    output = convert(source, tmp_path / "out", tp=tp)
+    config = read_json(output / "config.json")
+    assert config["architecture"] == "GPTForCausalLM" and config["num_key_value_heads"] == 1
+    assert_matches_megatron(output, checkpoints)
+    kv = []
+    for rank in range(tp):
+        with safe_open(str(output / f"rank{rank}.safetensors"), framework="pt") as f:
+            qkv = f.get_tensor("transformer.layers.2.attention.qkv.weight")
+        assert qkv.shape[0] == (8 // tp + 2) * 8  # its query heads, one K and one V head of 8
+        kv.append(qkv[-16:])
+    assert all(torch.equal(kv[0], other) for other in kv)
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "feature"),
+    [
+        ("heterogeneous_layers_config_encoded_json", '{"block_configs": []}', "Nemotron-NAS"),
+        ("heterogeneous_layers_config_path", "/ckpt/blocks.json", "Nemotron-NAS"),
+        ("parallel_attention", True, "Falcon-style parallel attention"),
+        ("new_decoder_architecture", True, "Falcon's new decoder architecture"),
+    ],
+)
+def test_falcon_and_nemotron_nas_are_refused_by_name(megatron, argument, value, feature):
+    """What the seed's exporter lists but a Megatron GPTModel cannot be: refused, naming the
+    feature, the argument and the file (Porter would otherwise convert another model)."""
+    path = next(megatron("llama").paths[LAYOUTS[0]].rglob("model_optim_rng.pt"))
+    args = torch.load(path, weights_only=False, mmap=True)["args"]
+    setattr(args, argument, value)
+    with pytest.raises(UnsupportedModel, match=rf"{feature}.*{argument}.*not supported") as err:
+        model_config_from_args(args, torch.float32, path)
+    assert str(path) in str(err.value)

@@ -167,6 +167,14 @@ FAMILIES |= {
 # Qwen3 with zero-centred norm weights (every norm, q/k included, computes 1 + weight), saved
 # under megatron-core 0.16's argument name only, as Megatron-LM core 0.16 saves it.
 FAMILIES["qwen3_1p"] = {**FAMILIES["qwen3"], "layernorm_zero_centered_gamma": True}
+# StarCoder (GPTBigCode): GPT with multi-query attention (one KV head). megatron-core splits
+# query groups over TP, so it is written at TP=1 only; converters duplicate the KV head.
+FAMILIES["starcoder"] = {
+    **FAMILIES["gpt"],
+    "num_query_groups": 1,
+    "init_method_std": 0.1,
+    "random_biases_and_norms": True,
+}
 
 
 # --------------------------------------------------------------------------------------------

@@ -169,20 +169,12 @@ def test_unsupported_feature_says_so(capsys, llama_tp2, tmp_path, argument, valu
     assert_failed_cleanly(code, err, tmp_path / "out", str(path), feature, "not supported")
 
 
-@pytest.mark.parametrize(
-    ("argument", "value", "feature"),
-    [("qk_layernorm", True, "qk-layernorm"), ("use_rope_scaling", True, "RoPE scaling")],
-)
-def test_feature_only_the_hf_layout_writes_is_refused_for_tensorrt_llm(
-    capsys, llama_tp2, tmp_path, argument, value, feature
-):
-    """Porter reads these (the Hugging Face layout writes them); its TensorRT-LLM target does not."""
+def test_qk_layernorm_argument_without_its_weights_is_refused(capsys, llama_tp2, tmp_path):
+    """`args.qk_layernorm` set but no q/k norm weights stored: the Qwen3 family would need them."""
     path = llama_tp2 / "iter_0000010/mp_rank_00/model_optim_rng.pt"
-    rewrite(path, lambda payload: setattr(payload["args"], argument, value))
+    rewrite(path, lambda payload: setattr(payload["args"], "qk_layernorm", True))
     code, err = run_convert(capsys, llama_tp2, tmp_path / "out", "--tp", "2")
-    assert_failed_cleanly(
-        code, err, tmp_path / "out", str(llama_tp2), feature, "not supported", "TensorRT-LLM"
-    )
+    assert_failed_cleanly(code, err, tmp_path / "out", str(llama_tp2), "q_layernorm")
 
 
 def test_output_not_empty_is_refused_and_left_alone(capsys, llama_tp2, tmp_path):

@@ -1,15 +1,20 @@
 """Convert one TensorRT-LLM rank: plan its tensors, read each slice, cast, stream to safetensors.
 
-Every converted floating-point tensor is checked for NaN and infinite values (a sum, which is
-finite exactly when no term is NaN or infinite unless it overflows; only then a count in blocks). `Target.nonfinite` says what to do: "warn" lists
-them in `RankResult.nonfinite` (and logs a warning), "error" fails the rank naming the tensor and
-the source files it was read from.
+Every converted floating-point tensor is checked for NaN and infinite values by the writer, from
+the exponent bits of the chunks it has just written (`writer.nonfinite_in`). `Target.nonfinite`
+says what to do: "warn" lists them in `RankResult.nonfinite` (and logs a warning), "error" fails
+the rank naming the tensor and the source files it was read from.
+
+Bytes that need no conversion are written straight from the memory-mapped source; a cast (or a
+copy of a strided slice) is made in blocks of rows of at most `CONVERT_BYTES`. While one tensor is
+written, the kernel is asked to read ahead the source ranges of the next (`_ReadAhead`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +33,7 @@ from converters.trtllm.writer import SafetensorsWriter, TensorSpec, WrittenFile
 Progress = Callable[[int, int], None]
 
 log = logging.getLogger(__name__)
-_SCAN_ELEMENTS = 2**22  # elements checked at once (a bool temporary of 4 MiB)
+CONVERT_BYTES = 16 << 20  # at most this much of a tensor is cast or copied at once
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,22 @@ def _pieces(tensor: OutputTensor) -> list[LazyTensor]:
     return [source]
 
 
+def _blocks(data: torch.Tensor, dtype: torch.dtype, add_one: bool) -> Iterator[torch.Tensor]:
+    """`data` cast to `dtype` (plus 1 for zero-centred norm weights): `data` itself when it is
+    already contiguous `dtype` (written from where it lies), else blocks of rows of at most
+    CONVERT_BYTES each, so a cast or a strided copy never holds the whole tensor twice."""
+    if not add_one and data.dtype == dtype and data.is_contiguous():
+        yield data
+        return
+    if data.dim() == 0:
+        yield (data.float() + 1.0).to(dtype) if add_one else data.to(dtype).contiguous()
+        return
+    row_bytes = max(1, data[0].numel() * max(dtype.itemsize, data.dtype.itemsize))
+    rows = max(1, CONVERT_BYTES // row_bytes)
+    for block in data.split(rows, dim=0):
+        yield (block.float() + 1.0).to(dtype) if add_one else block.to(dtype).contiguous()
+
+
 def write_converted(
     writer: SafetensorsWriter,
     source: SourceCheckpoint,
@@ -60,22 +81,15 @@ def write_converted(
     dtype: torch.dtype,
 ) -> dict | None:
     """Read `tensor`, cast it to `dtype` (adding 1 to zero-centred norm weights), append it to
-    `writer` piece by piece, and check it for NaN and infinite values once written (summing
-    first, while the bytes were still being paged in from the source, made conversions up to
-    twice as slow). Returns None, or by `policy` ("warn" | "error", see `Target.nonfinite`) a
-    {"tensor", "count", "files"} record (logged as a warning) or `NonFiniteWeights`."""
-    count = 0
+    `writer` piece by piece, and count its NaN and infinite values as they are written. Returns
+    None, or by `policy` ("warn" | "error", see `Target.nonfinite`) a {"tensor", "count",
+    "files"} record (logged as a warning) or `NonFiniteWeights` (once the tensor is written)."""
 
     def converted() -> Iterator[torch.Tensor]:
-        nonlocal count
         for piece in _pieces(tensor):
-            data = piece.materialize()
-            data = (data.float() + 1.0).to(dtype) if tensor.add_one else data.to(dtype)
-            yield data
-            count += count_nonfinite(data)
-            del data
+            yield from _blocks(piece.materialize(), dtype, tensor.add_one)
 
-    writer.write_rows(tensor.name, converted())
+    count = writer.write_rows(tensor.name, converted(), check_nonfinite=True)
     if not count:
         return None
     files = source_files(source, tensor)
@@ -90,23 +104,34 @@ def write_converted(
     return {"tensor": tensor.name, "count": count, "files": files}
 
 
-def count_nonfinite(tensor: torch.Tensor) -> int:
-    """NaN and ±inf values in `tensor` (0 for integer tensors).
+class _ReadAhead:
+    """Asks the kernel to read source byte ranges into the page cache in the background
+    (`posix_fadvise(WILLNEED)`), one tensor ahead of the writer: a cold source is then read
+    while the previous tensor is written. Only a hint; a source that cannot tell its ranges, or
+    a platform without fadvise, is simply not read ahead."""
 
-    A sum is NaN or infinite whenever any term is, and costs no temporary: only a tensor whose
-    sum is not finite (or overflows) is counted exactly, in bounded blocks."""
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return 0
-    if bool(torch.isfinite(tensor.sum())):
-        return 0
-    if tensor.dim() == 0:
-        return 1
-    row = max(1, tensor[0].numel())
-    bad = 0
-    for block in tensor.split(max(1, _SCAN_ELEMENTS // row), dim=0):
-        finite = torch.isfinite(block)
-        bad += int(finite.numel() - finite.sum())
-    return bad
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def tensor(self, tensor: OutputTensor) -> None:
+        if not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            ranges = tensor.source.file_ranges()
+        except (NotImplementedError, OSError):
+            return
+        for path, offset, length in ranges:
+            try:
+                if path not in self._fds:
+                    self._fds[path] = os.open(path, os.O_RDONLY)
+                os.posix_fadvise(self._fds[path], offset, length, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def source_files(source: SourceCheckpoint, tensor: OutputTensor) -> list[str]:
@@ -141,15 +166,21 @@ def write_file(
     total = sum(s.nbytes for s in specs)
     done = read = 0
     nonfinite = []
-    with SafetensorsWriter(Path(path), specs, metadata={"format": "pt"}) as writer:
-        for tensor, spec in zip(tensors, specs, strict=True):
-            if found := write_converted(writer, source, policy, tensor, dtype):
-                nonfinite.append(found)
-            read += tensor.source.source_nbytes
-            done += spec.nbytes
-            if progress:
-                progress(done, total)
-        written = writer.close()
+    ahead = _ReadAhead()
+    try:
+        with SafetensorsWriter(Path(path), specs, metadata={"format": "pt"}) as writer:
+            for i, (tensor, spec) in enumerate(zip(tensors, specs, strict=True)):
+                for upcoming in tensors[i : i + 2] if i == 0 else tensors[i + 1 : i + 2]:
+                    ahead.tensor(upcoming)
+                if found := write_converted(writer, source, policy, tensor, dtype):
+                    nonfinite.append(found)
+                read += tensor.source.source_nbytes
+                done += spec.nbytes
+                if progress:
+                    progress(done, total)
+            written = writer.close()
+    finally:
+        ahead.close()
     return written, read, nonfinite
 
 

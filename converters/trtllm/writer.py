@@ -4,20 +4,27 @@ The format is an 8-byte little-endian header length, a JSON header with every te
 shape and byte range, then the data. Shapes are known from the plan, so the header is written
 first and each tensor's bytes follow in order. The writer is a small state machine: it refuses a
 tensor out of order, of the wrong shape or dtype, and refuses to finish before all are written.
+
+Each tensor's bytes are read once: they go to the file in chunks straight from the caller's
+memory (a memory-mapped source needs no copy), a helper thread hashes each chunk while the next is
+written, and the NaN/Inf check reads the chunk just written, from cache (`nonfinite_in`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import struct
+from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+import numpy as np
 import torch
 
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
@@ -32,6 +39,35 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+CHUNK_BYTES = 4 << 20  # written, hashed and checked at once (stays in cache between the three)
+MAX_HASH_LAG = 8  # chunks the hashing thread may be behind (each holds its memory until hashed)
+WRITEBACK_BYTES = 64 << 20  # start writing dirty pages to disk after this many (see _Writeback)
+
+# IEEE formats: a value is NaN or ±inf exactly when its exponent bits are all ones, i.e. when its
+# bits without the sign, read as an unsigned integer, are at least the exponent mask.
+_EXPONENT_BITS: dict[torch.dtype, tuple[type, int, int]] = {
+    torch.float16: (np.uint16, 0x7FFF, 0x7C00),
+    torch.bfloat16: (np.uint16, 0x7FFF, 0x7F80),
+    torch.float32: (np.uint32, 0x7FFF_FFFF, 0x7F80_0000),
+    torch.float64: (np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
+}
+
+
+def nonfinite_in(data: memoryview | bytes, dtype: torch.dtype) -> int:
+    """NaN and ±inf values among the little-endian `dtype` values in `data` (0 for integer
+    dtypes), from the exponent bits: integer operations on a view, no float arithmetic."""
+    if dtype not in _EXPONENT_BITS:
+        if dtype.is_floating_point:
+            raise ValueError(f"no NaN/Inf check for {dtype}")
+        return 0
+    uint, magnitude, exponent = _EXPONENT_BITS[dtype]
+    bits = np.frombuffer(data, dtype=np.dtype(uint).newbyteorder("<"))
+    if not bits.size:
+        return 0
+    masked = np.bitwise_and(bits, magnitude)
+    if masked.max() < exponent:  # the common case: one pass, no count
+        return 0
+    return int(np.count_nonzero(masked >= exponent))
 
 
 @dataclass(frozen=True)
@@ -55,6 +91,26 @@ class WrittenFile:
     sha256: str
 
 
+class _Writeback:
+    """Starts the kernel writing a file's dirty pages while later ones are still being written
+    (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`), so the closing `fsync` finds little left to
+    do. Only a hint: `fsync` still makes the file durable; elsewhere it does nothing."""
+
+    _call = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    if _call is not None:
+        _call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    _WRITE = 2  # SYNC_FILE_RANGE_WRITE
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.started = fd, 0
+
+    def written(self, total: int) -> None:
+        """`total` bytes of the file are written: start writeback once enough are pending."""
+        if self._call is not None and total - self.started >= WRITEBACK_BYTES:
+            self._call(self.fd, self.started, total - self.started, self._WRITE)
+            self.started = total
+
+
 class SafetensorsWriter:
     """Write `specs` in order to `path`; use as a context manager and call `write` per tensor."""
 
@@ -69,6 +125,7 @@ class SafetensorsWriter:
         self._next = 0
         self._hash = hashlib.sha256()
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        self._hashing: deque[Future[None]] = deque()
         self._bytes = 0
         header: dict[str, object] = {}
         if metadata:
@@ -84,18 +141,35 @@ class SafetensorsWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # align the data section to 8 bytes
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()/__exit__
-        self._emit(struct.pack("<Q", len(encoded)) + encoded)
+        self._writeback = _Writeback(self._file.fileno())
+        self._emit(memoryview(struct.pack("<Q", len(encoded)) + encoded), None)
 
-    def _emit(self, data: bytes | memoryview) -> None:
-        # Hash on a helper thread while this one writes: both release the GIL on large buffers.
-        hashing = self._hasher.submit(self._hash.update, data)
-        self._file.write(data)
-        hashing.result()
-        self._bytes += len(data)
+    def _emit(self, data: memoryview, check: torch.dtype | None) -> int:
+        """Write `data` chunk by chunk, each hashed on the helper thread (at most MAX_HASH_LAG
+        chunks behind); returns the NaN/Inf values in it when `check` names its dtype."""
+        bad = 0
+        step = CHUNK_BYTES - CHUNK_BYTES % (check.itemsize if check else 1)
+        for start in range(0, len(data), step):
+            chunk = data[start : start + step]
+            self._hashing.append(self._hasher.submit(self._hash.update, chunk))
+            self._file.write(chunk)
+            if check is not None:
+                bad += nonfinite_in(chunk, check)
+            self._bytes += len(chunk)
+            self._writeback.written(self._bytes)
+            while len(self._hashing) > MAX_HASH_LAG:
+                self._hashing.popleft().result()
+        return bad
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def _hashed(self) -> None:
+        """Wait until every chunk written so far is hashed (its memory may then be released)."""
+        while self._hashing:
+            self._hashing.popleft().result()
+
+    def write(self, name: str, tensor: torch.Tensor, check_nonfinite: bool = False) -> int:
         """Append the next tensor; its name, shape and dtype must match the declared spec
-        (checked before anything is written: a refused call can be made again correctly)."""
+        (checked before anything is written: a refused call can be made again correctly).
+        Returns its NaN/Inf count when `check_nonfinite` (else 0)."""
         spec = self.specs[self._next] if self._next < len(self.specs) else None
         mismatched = spec is not None and (tuple(tensor.shape), tensor.dtype) != (
             spec.shape,
@@ -106,12 +180,15 @@ class SafetensorsWriter:
                 f"{self.path}: {name} is {tuple(tensor.shape)} {tensor.dtype}, declared "
                 f"{spec.shape} {spec.dtype}"
             )
-        self.write_rows(name, [tensor])
+        return self.write_rows(name, [tensor], check_nonfinite)
 
-    def write_rows(self, name: str, pieces: Iterable[torch.Tensor]) -> None:
+    def write_rows(
+        self, name: str, pieces: Iterable[torch.Tensor], check_nonfinite: bool = False
+    ) -> int:
         """Append the next tensor as consecutive blocks of rows (dim 0), one held at a time; their
         rows must add up to the declared shape, in its dtype. A block that does not fit leaves the
-        file unfinished: `close` then fails."""
+        file unfinished: `close` then fails. Returns the NaN/Inf values written when
+        `check_nonfinite` (else 0); a contiguous block is written from its own memory."""
         if self._next >= len(self.specs):
             raise RuntimeError(
                 f"{self.path}: all {len(self.specs)} tensors already written, got {name}"
@@ -119,7 +196,8 @@ class SafetensorsWriter:
         spec = self.specs[self._next]
         if name != spec.name:
             raise RuntimeError(f"{self.path}: expected tensor {spec.name} next, got {name}")
-        rows = 0
+        rows = bad = 0
+        check = spec.dtype if check_nonfinite and spec.dtype.is_floating_point else None
         for piece in pieces:
             shape = tuple(piece.shape)
             fits = (
@@ -134,13 +212,16 @@ class SafetensorsWriter:
                 )
             rows += shape[0] if shape else 1
             data = piece.contiguous().reshape(-1).view(torch.uint8).numpy()
-            self._emit(memoryview(data))
+            bad += self._emit(memoryview(data), check)
+        self._hashed()
         if rows != (spec.shape[0] if spec.shape else 1):
             raise RuntimeError(f"{self.path}: {name} has {rows} rows, declared {spec.shape}")
         self._next += 1
+        return bad
 
     def close(self) -> WrittenFile:
         """Flush to disk and return the file's size and sha256; fails if tensors are missing."""
+        self._hashed()
         self._hasher.shutdown()
         if self._next != len(self.specs):
             self._file.close()
@@ -162,5 +243,7 @@ class SafetensorsWriter:
         tb: TracebackType | None,
     ) -> None:
         if exc_type is not None and not self._file.closed:
+            for hashing in self._hashing:
+                hashing.cancel()
             self._hasher.shutdown()
             self._file.close()

@@ -55,6 +55,9 @@ class Settings:
     reaper_interval: float = 10.0
     # Seconds between progress writes of a running step.
     progress_interval: float = 0.5
+    # Shortest `porter schedule add --every` (seconds): each run lists a training output and may
+    # queue exports, so a schedule firing every second is a mistake (cron's finest is a minute).
+    schedule_min_interval: float = 60.0
 
     # HTTP service (`porter serve`). Bearer token of the job-changing calls (POST /v1/jobs,
     # cancel, retry); "" disables them (reads, metrics and signed hooks still work).

@@ -116,6 +116,7 @@ def sched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scheduling]:
     (base / "porter.toml").write_text(CONFIG)
     env = worker_env(url, "http://127.0.0.1:9", base / "cache")  # S3 is not used here
     env["PORTER_CONFIG"] = str(base / "porter.toml")
+    env["PORTER_SCHEDULE_MIN_INTERVAL"] = "1"  # these tests fire schedules every second or two
     cluster = Cluster(url, env, base / "logs", base / "cache")
     cluster.start_worker(concurrency=2)
     try:
@@ -284,10 +285,10 @@ def test_cli_add_list_remove_and_bad_input(sched, tmp_path):
      ("1d", "every 1d"), ("1.5", "every 1.5s")],
 )  # fmt: skip
 def test_every_parses_units(text: str, shown: str) -> None:
-    assert schedules.describe(schedules.parse_every(text)) == shown
+    assert schedules.describe(schedules.parse_every(text, minimum=1)) == shown
 
 
 @pytest.mark.parametrize("text", ["", "0s", "0.5", "10x", "-1m", "1 h 2"])
 def test_every_rejects_bad_intervals(text: str) -> None:
     with pytest.raises(schedules.ScheduleError):
-        schedules.parse_every(text)
+        schedules.parse_every(text, minimum=1)

@@ -170,24 +170,35 @@ def submit_batch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _jobs_table(records: Any, args: argparse.Namespace) -> list[str]:
+def _progress_cell(record: dict[str, Any]) -> str:
+    """A job's progress for the table: the share done once it is planned, "-" before."""
     from tasks.jobs import service
 
-    lines = [f"{'job':<32} {'state':<10} {'progress':>8} {'created (UTC)':<19}  output"]
+    if record["state"] == "SUCCEEDED":
+        return "100%"
+    done, total = service.progress(record)
+    return f"{done / total:.0%}" if total else "-"
+
+
+def _jobs_table(records: Any, args: argparse.Namespace) -> list[str]:
+    """`porter jobs`: one row per recent job, columns as wide as their longest cell (job ids
+    grow with the kind's name)."""
+    header = ("job", "state", "progress", "created (UTC)", "output")
+    rows = []
     for job in records.job_ids(args.limit):
-        record = records.get(job, steps=args.watch)
+        record = records.get(job)
         if record is None or (args.state and record["state"] != args.state):
             continue
         if args.model and record.get("model") != args.model:
             continue
-        shown = ""
-        if args.watch:
-            done, total = service.progress(record)
-            shown = "100%" if record["state"] == "SUCCEEDED" else f"{done / (total or 1):.0%}"
-        output = record["spec"].get("output", "")
+        output = str(record["spec"].get("output", ""))
         created = _time(record.get("created"))
-        lines.append(f"{job:<32} {record['state']:<10} {shown:>8} {created:<19}  {output}")
-    return lines
+        rows.append((job, record["state"], _progress_cell(record), created, output))
+    width = [max(len(row[i]) for row in (header, *rows)) for i in range(4)]
+    return [
+        f"{job:<{width[0]}}  {state:<{width[1]}}  {shown:>{width[2]}}  {created:<{width[3]}}  {out}"
+        for job, state, shown, created, out in (header, *rows)
+    ]
 
 
 def jobs(args: argparse.Namespace) -> int:

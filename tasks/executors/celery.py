@@ -32,6 +32,7 @@ from celery.signals import worker_init, worker_ready
 from config.celery_app import app
 from config.queues import CPU_QUEUE
 from config.settings import Settings
+from converters.errors import ConversionError
 from tasks.executors.celery_notify import send_notifications
 from tasks.jobs.ids import output_tag, task_id
 from tasks.jobs.outputs import manifest_uri, prepare_output, publish_step, remove_outputs
@@ -41,6 +42,10 @@ from tasks.kinds.base import JobKind, Phase, Progress, StepContext
 from tasks.ops import metrics
 
 log = logging.getLogger(__name__)
+# Errors that refuse a job for a reason its message says (a ConversionError names the file and
+# the problem): Celery logs them as expected, at INFO without a traceback.
+REFUSALS = (ConversionError,)
+
 
 
 class JobCancelled(Exception):
@@ -142,7 +147,10 @@ def run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[st
             rec.step(job, step, state=FAILED, error=message, finished=time.time())
             if rec.finish(job, FAILED, f"{step}: {message}"):
                 job_ended(job, FAILED)
-                log.error("%s failed in %s: %s", job, step, message)
+                # A refusal (bad input, OUTPUT taken) is routine: one line, no traceback
+                # (`REFUSALS` are Celery's expected exceptions); anything else is a bug.
+                level = logging.WARNING if isinstance(exc, REFUSALS) else logging.ERROR
+                log.log(level, "%s failed in %s: %s", job, step, message)
         except redis.RedisError:
             log.exception("%s: could not record the failure of %s: %s", job, step, message)
         raise
@@ -215,7 +223,7 @@ def _launch(job: str, record: dict[str, Any], kind: JobKind, after: Phase | None
     return None
 
 
-@app.task(name="porter.plan")
+@app.task(name="porter.plan", throws=REFUSALS)
 def plan(job: str) -> dict[str, Any]:
     """Inspect the source (metadata only), check OUTPUT, and launch the job's first phase."""
     record = job_record(job)
@@ -296,8 +304,8 @@ def _register(kind: JobKind, phase: Phase) -> None:
 
     fan_out_step.__doc__ = f"{kind.name}: fan-out step `{phase.step}:i` of a job."
     body.__doc__ = f"{kind.name}: after the `{phase.step}` fan-out, {phase.body_id}."
-    app.task(name=phase.task)(fan_out_step)
-    app.task(name=phase.body_task)(body)
+    app.task(name=phase.task, throws=REFUSALS)(fan_out_step)
+    app.task(name=phase.body_task, throws=REFUSALS)(body)
 
 
 for _kind in all_kinds().values():

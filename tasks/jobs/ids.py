@@ -35,13 +35,24 @@ def job_id(spec: Any, identity: list) -> str:
     return f"{spec.kind}-{digest[:16]}"
 
 
+_JOB_ID = r"[a-z][a-z0-9-]{0,63}-[0-9a-f]{16}"  # what `job_id` makes: the kind, then 16 hex digits
+_JOB = re.compile(rf"^{_JOB_ID}$")
+
+
+def is_job_id(text: object) -> bool:
+    """Whether `text` has the shape of an id `job_id` makes (`<kind>-<16 hex digits>`). Anything
+    else (`<id>:step:x`, `<id>:steps`, 5,000 characters) names no job, and must never become
+    part of a Redis key: it would address another job's step record."""
+    return isinstance(text, str) and _JOB.fullmatch(text) is not None
+
+
 def output_tag(job: str, identity_digest: str) -> str:
     """What every artifact of a job is tagged with: the job and the source version it was made from
     (a retry after the source was fixed must not reuse ranks made from the old bytes)."""
     return f"{job}.{identity_digest}"
 
 
-_TAG = re.compile(r"^(?P<job>[a-z][a-z-]*-[0-9a-f]{16})\.(?P<digest>[0-9a-f]{16})$")
+_TAG = re.compile(rf"^(?P<job>{_JOB_ID})\.(?P<digest>[0-9a-f]{{16}})$")
 
 
 def tag_job(tag: str | None) -> str | None:

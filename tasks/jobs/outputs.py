@@ -21,29 +21,51 @@ from tasks.storage.store import open_store
 MANIFEST = "manifest.json"
 
 
-def prepare_output(spec: Any, job: str) -> dict[str, Any] | None:
+class OutputHeld(ConversionError):
+    """OUTPUT is held by another job that has not ended."""
+
+
+def output_held(holder: str, state: str, where: str) -> OutputHeld:
+    """The refusal of a job whose OUTPUT another job, `holder` (in `state`), is writing."""
+    return OutputHeld(
+        f"OUTPUT is being written by job {holder} ({state}); wait for it to end, cancel it, or "
+        "choose another OUTPUT",
+        where,
+    )
+
+
+def prepare_output(
+    spec: Any, job: str, busy: Callable[[str], str | None] | None = None
+) -> dict[str, Any] | None:
     """Check OUTPUT before a job writes to it. Returns the manifest if this job is already
     committed there; removes what killed runs of *other* Porter jobs left (never committed);
-    keeps this job's own artifacts for reuse; refuses OUTPUT holding anything else."""
+    keeps this job's own artifacts for reuse; refuses OUTPUT holding anything else, or files of
+    another job that `busy(job)` says is still going (its state; None once it ended)."""
     store = open_store(spec.output)
     manifest = _committed(store, job)
     if manifest is not None:
         return manifest
-    foreign = []
+    foreign, leftovers = [], []
     for key in store.list():
         art = store.stat(key)
         owner = tag_job(art.tag) if art else None
         if art is None or owner == job:
             continue
-        if owner is not None:  # what a killed run of another Porter job left
-            store.delete(key)
-        else:
+        if owner is None:
             foreign.append(key)
+            continue
+        state = busy(owner) if busy is not None else None
+        if state is not None:
+            raise output_held(owner, state, store.uri())
+        leftovers.append(key)  # what a killed run of another Porter job left
     if foreign:
         raise ConversionError(
-            f"OUTPUT is not empty ({', '.join(sorted(foreign)[:5])}); choose an empty directory",
+            f"OUTPUT is not empty ({len(foreign)} file(s) Porter did not write); choose an "
+            "empty directory",
             store.uri(),
         )
+    for key in leftovers:
+        store.delete(key)
     return None
 
 
@@ -75,6 +97,7 @@ def publish_step(
     committed = _committed(store, job)
     if committed is not None:  # a re-delivered publish
         return committed
+    _check_nothing_else(store, job, files)
     for entry in files:
         art = store.stat(entry["file"])
         if art is None or art.tag != tag or art.sha256 != entry["sha256"]:
@@ -98,6 +121,32 @@ def publish_step(
         store.seal([e["file"] for e in files])
         return manifest
     return _committed(store, job) or manifest  # a concurrent duplicate committed it first
+
+
+def _check_nothing_else(store: ArtifactStore, job: str, files: list[dict[str, Any]]) -> None:
+    """Refuse to commit OUTPUT holding a file the manifest would not list that is not this
+    job's own (an intermediate it removes after publishing): another writer's file must never
+    look like part of a committed output."""
+    listed = {entry["file"] for entry in files}
+    strays = []
+    for key in store.list():
+        if key in listed or key == MANIFEST:
+            continue
+        art = store.stat(key)
+        if art is None or tag_job(art.tag) != job:
+            strays.append(key)
+    if strays:
+        raise ConversionError(
+            f"OUTPUT holds {len(strays)} file(s) this job did not write and its manifest "
+            "would not list; not committing",
+            store.uri(),
+        )
+
+
+def check_writable(spec: Any, job: str) -> dict[str, Any] | None:
+    """Before a step of `job` writes into OUTPUT: an error if another job committed OUTPUT;
+    the manifest if `job` itself did (nothing may be written any more), else None."""
+    return _committed(open_store(spec.output), job)
 
 
 def _committed(store: ArtifactStore, job: str) -> dict[str, Any] | None:

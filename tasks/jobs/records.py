@@ -65,14 +65,21 @@ def _decode(raw: dict[str, str]) -> dict[str, Any]:
 class JobRecords:
     """Read and write job records in one Redis database."""
 
-    def __init__(self, url: str, *, ttl: int = 30 * 24 * 3600, retries: int = 20) -> None:
+    def __init__(
+        self, url: str, *, ttl: int = 30 * 24 * 3600, retries: int = 20,
+        timeout: float | None = None,
+    ) -> None:  # fmt: skip
         # Record writes ride out a Redis restart (AOF brings the data back): retried with backoff
         # (20 retries: about half a minute, for workers; a person at a terminal gets a few, see
         # `tasks.jobs.service.connect`). Progress writes (`quiet`) use a client that fails at once.
-        patient = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=retries)
+        # With `timeout` (interactive callers), a Redis that does not answer within it fails the
+        # call at once: a hung server is not a restarting one (which refuses, and is retried).
+        hung = {"supported_errors": (redis.ConnectionError,)} if timeout else {}
+        patient = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=retries, **hung)
         self.redis = redis.Redis.from_url(
-            url, decode_responses=True, health_check_interval=10, retry=patient
-        )
+            url, decode_responses=True, health_check_interval=10, retry=patient,
+            socket_timeout=timeout, socket_connect_timeout=timeout,
+        )  # fmt: skip
         self._quiet = redis.Redis.from_url(
             url, decode_responses=True, retry=Retry(NoBackoff(), 0), socket_timeout=2
         )

@@ -15,7 +15,8 @@ from config.celery_app import app
 from config.queues import CPU_QUEUE
 from config.settings import Settings
 from converters.errors import ConversionError
-from tasks.jobs.ids import job_id, task_id
+from tasks.jobs.checks import show
+from tasks.jobs.ids import is_job_id, job_id, task_id
 from tasks.jobs.outputs import remove_outputs
 from tasks.jobs.records import CANCELLED, FAILED, PENDING, SUCCEEDED, TERMINAL, JobRecords
 from tasks.jobs.specs import JobSpec, parse_spec
@@ -27,7 +28,8 @@ class JobNotFound(ConversionError):
     """No record of this job id."""
 
 
-INTERACTIVE_RETRIES = 4  # about 1.5 s of retries: a person learns at once that Redis is away
+INTERACTIVE_RETRIES = 4  # about 3 s of retries: a person learns at once that Redis is away
+INTERACTIVE_TIMEOUT = 5.0  # seconds: a Redis that does not answer (stopped, hung) fails the call
 
 
 def connect(settings: Settings | None = None, *, interactive: bool = False) -> JobRecords:
@@ -35,7 +37,10 @@ def connect(settings: Settings | None = None, *, interactive: bool = False) -> J
     minute of retries); `interactive` callers (a person at a terminal) hear within seconds."""
     settings = settings or Settings.from_env()
     retries = INTERACTIVE_RETRIES if interactive else 20
-    return JobRecords(settings.redis_url, ttl=settings.record_ttl, retries=retries)
+    return JobRecords(
+        settings.redis_url, ttl=settings.record_ttl, retries=retries,
+        timeout=INTERACTIVE_TIMEOUT if interactive else None,
+    )  # fmt: skip
 
 
 def _send_plan(job: str, attempt: int) -> None:
@@ -70,7 +75,10 @@ def submit_many(
 
 
 def get(records: JobRecords, job: str) -> dict[str, Any]:
-    """The job record with its steps; JobNotFound if there is none."""
+    """The job record with its steps; JobNotFound if there is none, or if `job` is not a job id
+    at all (never read: `<id>:step:x` would name another job's step record)."""
+    if not is_job_id(job):
+        raise JobNotFound(f"no job {show(job)}: not a job id (<kind>-<16 hex digits>)")
     record = records.get(job)
     if record is None:
         raise JobNotFound(f"no job {job!r} (submitted to another Redis, or expired?)")

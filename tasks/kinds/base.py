@@ -32,6 +32,14 @@ def human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def human_rate(n: float, seconds: float) -> str | None:
+    """A transfer rate for people (`12.5 MiB/s`, in `human`'s units), or None when the run was
+    too short or wrote nothing for a rate to mean anything (a tiny conversion: not "0.00 GB/s")."""
+    if n <= 0 or seconds < 0.05:
+        return None
+    return f"{human(n / seconds)}/s"
+
+
 def bytes_progress(record: dict[str, Any], step: str, plan: str) -> tuple[int, int]:
     """(bytes written so far, bytes to write) over the fan-out steps `{step}:i` of a job record,
     each planned as `inspected[plan][i]["bytes_written"]`."""

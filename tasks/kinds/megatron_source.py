@@ -17,7 +17,7 @@ from converters.trtllm.plan import NONFINITE_POLICIES
 from tasks.jobs.checks import InvalidSpec, check_bool, check_location, show
 from tasks.jobs.ids import identity_digest, job_id, output_tag
 from tasks.jobs.outputs import put_bytes
-from tasks.kinds.base import human, local_location
+from tasks.kinds.base import human, human_rate, local_location
 from tasks.kinds.verify_step import verification_line
 from tasks.storage import sources
 from tasks.storage.store import open_store
@@ -113,11 +113,11 @@ def source_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_summary_head(spec: Any, summary: Any, what: str) -> None:
     """The first lines of `porter convert`'s closing summary: what, time, bytes and rate."""
-    rate = summary.bytes_written / summary.seconds / 1e9 if summary.seconds else 0.0
+    rate = human_rate(summary.bytes_written, summary.seconds)
     print(f"converted {spec.source} -> {summary.output} ({what}) job {summary.job_id}")
     print(
         f"{summary.seconds:.2f} s, {summary.workers} worker(s); read {human(summary.bytes_read)}, "
-        f"wrote {human(summary.bytes_written)} ({rate:.2f} GB/s)"
+        f"wrote {human(summary.bytes_written)}" + (f" ({rate})" if rate else "")
     )
     verified = verification_line(summary.results)
     if verified:

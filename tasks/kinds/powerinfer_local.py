@@ -87,7 +87,6 @@ def _finished(path: Path, job: str) -> dict[str, Any] | None:
 def _check_output(spec: Any, job: str, paths: list[Path]) -> list[dict[str, Any]] | None:
     """Refuse OUTPUT holding anything that is not this job's; the results if this job already
     finished there (None: convert)."""
-    _check_not_inside_input(spec)
     if len(paths) == 1:
         path = paths[0]
         sidecar = path.with_name(path.name + PROVENANCE)
@@ -172,6 +171,7 @@ def export_gpu_indices(spec: Any) -> list[dict[str, Any]]:
             "give at least one budget (--vram-capacity with --capacity, --counts or --vram-budget)"
         )
     started = time.perf_counter()
+    _check_not_inside_input(spec)
     paths = _output_paths(spec)
     job = local_job_id(spec)
     finished = _check_output(spec, job, paths)

@@ -17,13 +17,15 @@ signatures are never logged or echoed.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from config.settings import Settings
 from converters.errors import ConversionError
@@ -33,11 +35,22 @@ from tasks.jobs.records import JobRecords
 from tasks.ops.metrics_collector import render as render_metrics
 from tasks.storage.base import ArtifactError
 from tasks.storage.store import open_store
-from tasks.triggers import hooks
+from tasks.triggers import hooks, openapi
 from tasks.triggers.profiles import PLACEHOLDER_CHECKPOINT, Profile, load_profiles
-from tasks.triggers.signing import HEADER, BadSignature, verify
+from tasks.triggers.signing import HEADER, BadSignature, same_secret, sign, verify
 
 ASGIApp = Callable[..., Awaitable[None]]
+HEALTH_TIMEOUT = 2.0  # seconds /healthz waits for Redis's PING (no retries: 503 at once)
+_BEARER = Depends(HTTPBearer(auto_error=False, description="Bearer $PORTER_API_TOKEN"))
+_SIGNATURE = Depends(APIKeyHeader(
+    name=HEADER, scheme_name="PorterSignature", auto_error=False,
+    description="t=<unix seconds>,v1=<hex HMAC-SHA256(PORTER_HOOK_SECRET, '<t>.' + body)>",
+))  # fmt: skip
+_HUB_SECRET = Depends(APIKeyHeader(
+    name="X-Webhook-Secret", scheme_name="HubWebhookSecret", auto_error=False,
+    description="PORTER_HF_WEBHOOK_SECRET, as the Hugging Face Hub sends it",
+))  # fmt: skip
+
 
 
 class BodyLimit:
@@ -97,15 +110,21 @@ def create_app(
 
     def recs() -> JobRecords:
         if state["records"] is None:
-            state["records"] = service.connect(settings)
+            # A caller waits a few seconds at most for an unreachable Redis (503), not the
+            # half minute of retries that workers use to ride out a restart.
+            state["records"] = service.connect(settings, interactive=True)
         return state["records"]
 
-    def authorized(request: Request) -> None:
+    def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, _BEARER]) -> None:
         if not settings.api_token:
             raise HTTPException(403, "job-changing calls are disabled: set PORTER_API_TOKEN")
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_token}".encode()):
-            raise HTTPException(401, "missing or wrong bearer token")
+        # The scheme is case-insensitive (RFC 7235): HTTPBearer accepts "bearer" and "BEARER".
+        if not same_secret(settings.api_token, credentials and credentials.credentials):
+            challenge = 'Bearer realm="porter"' + (', error="invalid_token"' if credentials else "")
+            raise HTTPException(
+                401, "missing or wrong bearer token", headers={"WWW-Authenticate": challenge}
+            )
+
 
     @app.exception_handler(ConversionError)
     async def _invalid(_: Request, exc: ConversionError) -> JSONResponse:
@@ -120,8 +139,12 @@ def create_app(
         return JSONResponse({"detail": f"storage: {exc}"}, status_code=502)
 
     @app.exception_handler(redis.RedisError)
-    async def _redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
-        return JSONResponse({"detail": f"redis unreachable: {exc}"}, status_code=503)
+    async def _redis_trouble(_: Request, exc: redis.RedisError) -> JSONResponse:
+        if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+            return JSONResponse({"detail": f"redis unreachable: {exc}"}, status_code=503)
+        # Redis answered, with an error: not "unreachable" (was said of WRONGTYPE, when a job id
+        # named another key; ids are checked now, so this is damage in Redis itself).
+        return JSONResponse({"detail": f"redis refused the command: {exc}"}, status_code=502)
 
     @app.exception_handler(hooks.HookInProgress)
     async def _in_progress(_: Request, exc: hooks.HookInProgress) -> JSONResponse:
@@ -129,11 +152,7 @@ def create_app(
 
     @app.get("/healthz")
     def healthz(response: Response) -> dict[str, str]:
-        report = {"redis": "ok"}
-        try:
-            recs().redis.ping()
-        except redis.RedisError as exc:
-            report["redis"] = f"unreachable: {exc}"
+        report = {"redis": _ping(settings.redis_url)}
         for bucket in buckets:
             try:
                 open_store(f"s3://{bucket}/").check()
@@ -167,7 +186,11 @@ def create_app(
             rows.append(_summary(record))
         return rows
 
-    @app.post("/v1/jobs", dependencies=[Depends(authorized)])
+    @app.post(
+        "/v1/jobs",
+        dependencies=[Depends(authorized)],
+        openapi_extra=openapi.job_spec_body(),
+    )
     async def submit(request: Request, response: Response) -> dict[str, Any]:
         spec, labels = parse_job(hooks.parse_json(await request.body()))
         job, created = service.submit(spec, recs(), trigger="api", **labels)
@@ -188,26 +211,38 @@ def create_app(
     def retry(job: str) -> dict[str, Any]:
         return {"job": job, "attempt": service.retry(recs(), job)}
 
-    @app.post("/v1/hooks/training-complete", status_code=202)
-    async def training_complete(request: Request, response: Response) -> dict[str, Any]:
-        body, signature = await request.body(), request.headers.get(HEADER)
+    @app.post(
+        "/v1/hooks/training-complete",
+        status_code=202,
+        openapi_extra=openapi.TRAINING_COMPLETE_BODY,
+    )
+    async def training_complete(
+        request: Request, response: Response, signature: Annotated[str | None, _SIGNATURE]
+    ) -> dict[str, Any]:
+        body = await request.body()
         try:
-            verify(settings.hook_secret, signature, body, settings.hook_max_age)
+            timestamp = verify(settings.hook_secret, signature, body, settings.hook_max_age)
         except BadSignature as exc:
             raise HTTPException(401, str(exc)) from None
-        assert signature is not None
+        # Replays are recognised by what was signed (timestamp and MAC), not by the header's
+        # spelling: reordered, padded or zero-prefixed copies of one signature are one request.
+        signed = sign(settings.hook_secret, body, timestamp)
         answer, replayed = hooks.training_complete(
-            body, signature, profiles, recs(), ttl=2 * settings.hook_max_age + 60
+            body, signed, profiles, recs(), ttl=2 * settings.hook_max_age + 60
         )
         if replayed:
             response.status_code = 200
         return {**answer, "replayed": replayed}
 
-    @app.post("/v1/hooks/huggingface", status_code=202)
-    async def huggingface(request: Request, response: Response) -> dict[str, Any]:
-        if not hooks.check_hub_secret(
-            settings.hf_webhook_secret, request.headers.get("x-webhook-secret")
-        ):
+    @app.post(
+        "/v1/hooks/huggingface",
+        status_code=202,
+        openapi_extra=openapi.HUB_EVENT_BODY,
+    )
+    async def huggingface(
+        request: Request, response: Response, secret: Annotated[str | None, _HUB_SECRET]
+    ) -> dict[str, Any]:
+        if not hooks.check_hub_secret(settings.hf_webhook_secret, secret):
             raise HTTPException(401, "missing or wrong X-Webhook-Secret")
         answer = hooks.huggingface(await request.body(), profiles, recs())
         if answer is None:
@@ -217,6 +252,21 @@ def create_app(
 
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     return app
+
+
+def _ping(url: str) -> str:
+    """`ok` if Redis answers one PING within HEALTH_TIMEOUT, else why not (no retries)."""
+    client = redis.Redis.from_url(
+        url, socket_timeout=HEALTH_TIMEOUT, socket_connect_timeout=HEALTH_TIMEOUT,
+        retry=Retry(NoBackoff(), 0),
+    )  # fmt: skip
+    try:
+        client.ping()
+        return "ok"
+    except redis.RedisError as exc:
+        return f"unreachable: {exc}"
+    finally:
+        client.close()
 
 
 def _output_buckets(profiles: dict[str, Profile]) -> list[str]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import hmac
 import json
 from typing import Any
 
@@ -33,6 +32,7 @@ from tasks.jobs.records import JobRecords
 from tasks.storage import sources
 from tasks.triggers import checkpoints as triggers
 from tasks.triggers.profiles import Profile, profile_for_repo
+from tasks.triggers.signing import same_secret
 
 _SEEN = "porter:hook:seen:"
 _TRAINING_KEYS = {"profile", "checkpoint", "iteration"}
@@ -46,10 +46,27 @@ class HookInProgress(Exception):
     """The same signed request is being handled right now (HTTP 409)."""
 
 
+MAX_JSON_DIGITS = 20  # no field of a Porter request needs a longer integer
+
+
+def _json_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_JSON_DIGITS:
+        raise HookRejected(f"the body has a {digits}-digit number (at most {MAX_JSON_DIGITS})")
+    return int(text)
+
+
+def _json_constant(name: str) -> Any:
+    raise HookRejected(f"the body is not JSON: {name} is not a JSON value")
+
+
 def parse_json(body: bytes) -> Any:
-    """The JSON of a request body; HookRejected if it is not JSON."""
+    """The JSON of a request body; HookRejected if it is not JSON, nests too deeply, or holds
+    an integer longer than MAX_JSON_DIGITS, NaN or Infinity."""
     try:
-        return json.loads(body)
+        return json.loads(body, parse_int=_json_int, parse_constant=_json_constant)
+    except RecursionError:
+        raise HookRejected("the body is not JSON Porter reads: nested too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HookRejected(f"the body is not JSON: {exc}") from None
 
@@ -105,7 +122,7 @@ def training_complete(
 
 def check_hub_secret(expected: str, given: str | None) -> bool:
     """The Hub's X-Webhook-Secret matches (constant time); never true when none is configured."""
-    return bool(expected) and given is not None and hmac.compare_digest(expected, given)
+    return same_secret(expected, given)
 
 
 def huggingface(

@@ -14,9 +14,10 @@ new job ("skipped"), so an unchanged checkpoint costs one listing and a running 
 started twice. A job that FAILED is skipped too: `porter retry` it.
 
 `--cron` takes 5 fields (minute hour day-of-month month day-of-week) in UTC; `--every` takes
-seconds or a unit: 30s, 10m, 1h, 1d. A new schedule first runs at its next due time, not when it
-is added. Schedules live in Redis (celery-redbeat), so they are added and removed while the beats
-run; `add --replace` changes an existing one.
+seconds or a unit: 30s, 10m, 1h, 1d, at least `PORTER_SCHEDULE_MIN_INTERVAL` (60 s). A new
+schedule first runs at its next due time, not when it is added. Schedules live in Redis
+(celery-redbeat), so they are added and removed while the beats run; `add --replace` changes an
+existing one.
 
 Beats: redbeat's lock in Redis lets one `porter beat` send; the others wait for the lock. One that
 stops cleanly releases it at once; one that dies is replaced once its lock expires
@@ -45,6 +46,7 @@ from celery.schedules import crontab, schedule
 from redbeat.schedulers import RedBeatSchedulerEntry, get_redis
 
 from config.celery_app import CPU_QUEUE, app
+from config.settings import Settings
 from converters.errors import ConversionError
 from tasks.jobs import service
 from tasks.jobs.checks import InvalidSpec, check_location
@@ -59,7 +61,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _EVERY = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)?$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _CRON_FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
-MIN_EVERY = 1.0
 
 
 class ScheduleError(InvalidSpec):
@@ -94,14 +95,18 @@ def parse_cron(text: str) -> crontab:
     return crontab(**dict(zip(_CRON_FIELDS, fields, strict=True)))
 
 
-def parse_every(text: str) -> schedule:
-    """An interval from seconds or a number with a unit: '30', '30s', '10m', '1h', '1d'."""
+def parse_every(text: str, minimum: float) -> schedule:
+    """An interval from seconds or a number with a unit: '30', '30s', '10m', '1h', '1d'; at
+    least `minimum` seconds (`Settings.schedule_min_interval`)."""
     match = _EVERY.match(str(text).strip())
     if not match:
         raise ScheduleError(f"--every {text!r:.80} must be a number of seconds or 30s, 10m, 1h, 1d")
     seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
-    if seconds < MIN_EVERY:
-        raise ScheduleError(f"--every {text!r:.80} is under {MIN_EVERY:g} s")
+    if seconds < max(minimum, 1.0):
+        raise ScheduleError(
+            f"--every {text!r:.80} is shorter than {max(minimum, 1.0):g} s, the shortest interval "
+            "allowed (PORTER_SCHEDULE_MIN_INTERVAL); use --cron for fixed times"
+        )
     return schedule(timedelta(seconds=seconds))
 
 
@@ -172,7 +177,8 @@ def add(
     check_name(name)
     if (cron is None) == (every is None):
         raise ScheduleError("give exactly one of --cron and --every")
-    when = parse_cron(cron) if cron is not None else parse_every(every)
+    minimum = Settings.from_env().schedule_min_interval
+    when = parse_cron(cron) if cron is not None else parse_every(every, minimum)
     triggers.profile_named(profile)
     check_source(source)
     client = _redis()

@@ -195,3 +195,14 @@ def verify_layer(
 def _only(part: Part, key: str) -> Part:
     trace = part.trace[key]
     return Part(trace.value, origin=trace.origin)
+
+
+def forward_logits(side: Side, tokens: torch.Tensor) -> torch.Tensor:
+    """The logits of one side's own forward pass (its output carried forward, layer by layer):
+    what checks the reference layers against a model's own logits."""
+    with torch.no_grad():
+        x = side.embed(tokens).output
+        for layer in range(side.math.layers):
+            x = x + side.attention(layer, x).output
+            x = x + side.mlp(layer, x).output
+        return side.head(x).output

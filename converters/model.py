@@ -7,6 +7,8 @@ from typing import Literal
 
 import torch
 
+from converters.choices import DTYPE_NAMES
+
 Normalization = Literal["LayerNorm", "RMSNorm"]
 PositionEmbedding = Literal["learned_absolute", "rope"]
 Activation = Literal["gelu", "silu"]
@@ -41,6 +43,26 @@ class ModelConfig:
     qk_layernorm: bool = False
     # Llama-3.1 RoPE scaling (megatron-core's `_apply_scaling`): the factor, None when off.
     rope_scaling_factor: float | None = None
+    # Mixture of experts (`--num-experts`): 0 = dense. The expert MLPs use `activation` and
+    # `gated_mlp` like the dense MLP, with `moe_ffn_hidden_size` (None: ffn_hidden_size).
+    num_experts: int = 0
+    moe_router_topk: int = 0
+    moe_ffn_hidden_size: int | None = None
+    moe_grouped_gemm: bool = False  # how the training stored experts (informational)
+    moe_router_pre_softmax: bool = False  # softmax over all experts, then top-k (else top-k first)
+    moe_router_score_function: str = "softmax"  # "softmax" | "sigmoid" | ...
+    moe_router_enable_expert_bias: bool = False  # aux-loss-free bias added for the top-k choice
+    moe_router_topk_scaling_factor: float | None = None
+    moe_router_num_groups: int | None = None  # group-limited routing (DeepSeek)
+    moe_router_group_topk: int | None = None
+    # Which layers are MoE (1) or dense (0), one entry per layer; () = every layer when MoE.
+    moe_layer_pattern: tuple[int, ...] = ()
+    moe_shared_expert_intermediate_size: int | None = None  # all shared experts together
+    moe_shared_expert_gate: bool = False  # sigmoid gate (`gate_weight` [1, H]) on their output
+
+    def __post_init__(self) -> None:
+        # Configs read back from JSON carry lists.
+        object.__setattr__(self, "moe_layer_pattern", tuple(self.moe_layer_pattern))
 
     @property
     def heads_per_group(self) -> int:
@@ -63,6 +85,32 @@ class ModelConfig:
         return self.ffn_hidden_size * (2 if self.gated_mlp else 1)
 
     @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        """F of one routed expert (fine-grained MoE: not ffn_hidden_size)."""
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
+
+    @property
+    def expert_fc1_rows(self) -> int:
+        """Rows of one expert's first weight: 2F_e when gated, F_e otherwise."""
+        return self.expert_ffn_hidden_size * (2 if self.gated_mlp else 1)
+
+    @property
+    def shared_fc1_rows(self) -> int:
+        """Rows of the shared experts' first weight (0 without shared experts)."""
+        size = self.moe_shared_expert_intermediate_size or 0
+        return size * (2 if self.gated_mlp else 1)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether (global) layer `layer` has routed experts instead of a dense MLP."""
+        if not self.is_moe:
+            return False
+        return not self.moe_layer_pattern or bool(self.moe_layer_pattern[layer])
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
@@ -78,11 +126,7 @@ LLAMA3_ROPE_CONSTANTS: dict[str, float | int] = {
     "original_max_position_embeddings": 8192,
 }
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -32,6 +32,20 @@ HF_LAYOUTS = (
 # 48 tokens: enough positions for Llama-3.1 RoPE scaling to move the logits (see test_hf_families).
 HF_SEQ_LEN = 48
 
+MOE_LAYOUTS = (
+    Layout("legacy", 1, 1),
+    Layout("legacy", 2, 1),
+    Layout("legacy", 1, 1, 2),
+    Layout("legacy", 2, 1, 2),
+    Layout("legacy", 1, 2),
+    Layout("torch_dist", 2, 1, 2),
+)
+MOE_SMALL_LAYOUTS = (
+    Layout("legacy", 1, 1),
+    Layout("legacy", 2, 1, 2),
+    Layout("torch_dist", 2, 1, 2),
+)
+
 # name → (family, layouts, keyword arguments of write_example_checkpoints)
 FIXTURE_SETS: dict[str, tuple[str, tuple[Layout, ...], dict]] = {
     "llama": ("llama", LAYOUTS, {}),
@@ -45,6 +59,26 @@ FIXTURE_SETS: dict[str, tuple[str, tuple[Layout, ...], dict]] = {
     "llama31": ("llama31", HF_LAYOUTS, {"seq_len": HF_SEQ_LEN}),
     "qwen2": ("qwen2", HF_LAYOUTS, {"seq_len": HF_SEQ_LEN}),
     "qwen3": ("qwen3", HF_LAYOUTS, {"seq_len": HF_SEQ_LEN}),
+    # Mixture of experts (converters/megatron/example_moe.py): 4 experts of FFN 48, top-2, every
+    # expert and router distinct. mp_rank_00_001 means EP rank 1 in the *_ep2 layouts and PP
+    # rank 1 in legacy_tp1_pp2: only the args tell.
+    "mixtral": ("mixtral", MOE_LAYOUTS, {"seq_len": HF_SEQ_LEN}),
+    "mixtral_presoftmax": ("mixtral_presoftmax", MOE_SMALL_LAYOUTS, {"seq_len": HF_SEQ_LEN}),
+    # The same model stored as TEGroupedMLP (linear_fc1.weight{i}) and legacy GroupedMLP
+    # (weight1/weight2, transposed); torch_dist is the same for every expert layout.
+    "mixtral_te_grouped": (
+        "mixtral",
+        (Layout("legacy", 2, 1, 2),),
+        {"seq_len": HF_SEQ_LEN, "overrides": {"expert_layout": "te_grouped"}},
+    ),
+    "mixtral_legacy_grouped": (
+        "mixtral",
+        (Layout("legacy", 2, 1, 2), Layout("legacy", 1, 2)),
+        {"seq_len": HF_SEQ_LEN, "overrides": {"expert_layout": "legacy_grouped"}},
+    ),
+    "qwen3_moe": ("qwen3_moe", MOE_SMALL_LAYOUTS, {"seq_len": HF_SEQ_LEN}),
+    # A dense first layer (moe_layer_freq [0, 1, 1]) and shared experts (2 x 32).
+    "moe_mixed_shared": ("moe_mixed_shared", MOE_SMALL_LAYOUTS, {"seq_len": HF_SEQ_LEN}),
     # Zero-centred norm weights (megatron-core 0.16's layernorm_zero_centered_gamma).
     "qwen3_1p": (
         "qwen3_1p",

@@ -160,7 +160,10 @@ def test_unknown_parameter_names_are_listed(capsys, llama_tp2, tmp_path):
 
 @pytest.mark.parametrize(
     ("argument", "value", "feature"),
-    [("num_experts", 8, "mixture-of-experts"), ("rotary_interleaved", True, "interleaved rotary")],
+    [
+        ("multi_latent_attention", True, "multi-latent attention"),
+        ("rotary_interleaved", True, "interleaved rotary"),
+    ],
 )
 def test_unsupported_feature_says_so(capsys, llama_tp2, tmp_path, argument, value, feature):
     path = llama_tp2 / "iter_0000010/mp_rank_00/model_optim_rng.pt"

@@ -20,7 +20,11 @@ _REQUIRED = (
 
 # Features whose weights or math Porter does not convert: (argument, predicate, explanation).
 _UNSUPPORTED: tuple[tuple[str, Any, str], ...] = (
-    ("num_experts", lambda v: v not in (None, 0, 1), "mixture-of-experts layers (MoE)"),
+    ("moe_mlp_glu_interleave_size", lambda v: v not in (None, 0), "block-interleaved GLU experts"),
+    ("glu_linear_offset", lambda v: v not in (None, 0, 0.0), "a GLU linear offset"),
+    ("activation_func_clamp_value", lambda v: v is not None, "clamped GLU activations"),
+    ("moe_single_grouped_weight", bool, "experts stored as one grouped weight"),
+    ("moe_use_upcycling", bool, "MoE upcycling"),
     ("qk_l2_norm", bool, "L2-normalised queries and keys"),
     # Nemotron-NAS: per-layer block configs (attention/FFN replaced or resized per layer).
     (
@@ -115,6 +119,71 @@ def _rope_scaling_factor(args: Any, path: Path) -> float | None:
     return factor
 
 
+def _moe_layer_pattern(args: Any, layers: int, path: Path) -> tuple[int, ...]:
+    """`moe_layer_freq` (int N: every N-th layer from layer 0, or a 0/1 list per layer) as a
+    per-layer 0/1 tuple; () when every layer is MoE."""
+    freq = _get(args, "moe_layer_freq", 1)
+    if isinstance(freq, int) and not isinstance(freq, bool) and 1 <= freq <= _MAX_SIZE:
+        pattern = tuple(int(i % freq == 0) for i in range(layers))
+    elif isinstance(freq, list | tuple) and all(v in (0, 1) for v in freq):
+        if len(freq) != layers:
+            raise CorruptCheckpoint(
+                f"`args.moe_layer_freq` lists {len(freq)} layers, args.num_layers={layers}", path
+            )
+        pattern = tuple(int(v) for v in freq)
+    else:
+        raise UnsupportedModel(
+            f"`args.moe_layer_freq`={freq!r} is neither a positive integer nor a 0/1 list", path
+        )
+    return () if all(pattern) else pattern
+
+
+def _moe_fields(args: Any, layers: int, path: Path) -> dict[str, Any]:
+    """The mixture-of-experts fields of `ModelConfig` (none for a dense model)."""
+    raw = _get(args, "num_experts")
+    if raw in (None, 0):
+        return {}
+    experts = _size(args, "num_experts", path)
+    shared = _get(args, "moe_shared_expert_intermediate_size")
+    score = _get(args, "moe_router_score_function", "softmax")
+    if not isinstance(score, str):
+        raise CorruptCheckpoint(f"`args.moe_router_score_function` is {score!r}", path)
+    scaling = _get(args, "moe_router_topk_scaling_factor")
+    groups = _get(args, "moe_router_num_groups")
+    topk = _size(args, "moe_router_topk", path, default=2)
+    if topk > experts:
+        raise CorruptCheckpoint(f"moe_router_topk={topk} exceeds num_experts={experts}", path)
+    return {
+        "num_experts": experts,
+        "moe_router_topk": topk,
+        "moe_ffn_hidden_size": (
+            _size(args, "moe_ffn_hidden_size", path) if _get(args, "moe_ffn_hidden_size") else None
+        ),
+        "moe_grouped_gemm": bool(_get(args, "moe_grouped_gemm", False)),
+        "moe_router_pre_softmax": bool(_get(args, "moe_router_pre_softmax", False)),
+        "moe_router_score_function": score,
+        "moe_router_enable_expert_bias": bool(_get(args, "moe_router_enable_expert_bias", False)),
+        "moe_router_topk_scaling_factor": (
+            None if scaling is None else _number(args, "moe_router_topk_scaling_factor", 1.0, path)
+        ),
+        "moe_router_num_groups": None
+        if groups in (None, 0)
+        else _size(args, "moe_router_num_groups", path),
+        "moe_router_group_topk": (
+            None
+            if _get(args, "moe_router_group_topk") in (None, 0)
+            else _size(args, "moe_router_group_topk", path)
+        ),
+        "moe_layer_pattern": _moe_layer_pattern(args, layers, path),
+        "moe_shared_expert_intermediate_size": (
+            None
+            if shared in (None, 0)
+            else _size(args, "moe_shared_expert_intermediate_size", path)
+        ),
+        "moe_shared_expert_gate": bool(_get(args, "moe_shared_expert_gate", False)),
+    }
+
+
 def model_config_from_args(args: Any, stored_dtype: torch.dtype, path: Path) -> ModelConfig:
     """Build the `ModelConfig` from a checkpoint's `args`; `path` names the file for errors."""
     if args is None or not hasattr(args, "__dict__"):
@@ -149,8 +218,9 @@ def model_config_from_args(args: Any, stored_dtype: torch.dtype, path: Path) -> 
         dtype = dtype_name(stored_dtype)
     except ValueError as exc:
         raise UnsupportedModel(f"weights stored as {stored_dtype}: {exc}", path) from None
+    layers = _size(args, "num_layers", path)
     return ModelConfig(
-        num_layers=_size(args, "num_layers", path),
+        num_layers=layers,
         hidden_size=hidden,
         ffn_hidden_size=_size(args, "ffn_hidden_size", path, default=4 * hidden),
         num_attention_heads=heads,
@@ -179,6 +249,7 @@ def model_config_from_args(args: Any, stored_dtype: torch.dtype, path: Path) -> 
         qk_layernorm=bool(_get(args, "qk_layernorm", False)),
         # megatron-core scales only rotary embeddings (learned positions ignore the switch).
         rope_scaling_factor=_rope_scaling_factor(args, path) if position == "rope" else None,
+        **_moe_fields(args, layers, path),
     )
 
 
@@ -187,3 +258,13 @@ def parallel_sizes(args: Any, path: Path | None = None) -> tuple[int, int]:
     tp = _size(args, "tensor_model_parallel_size", path, default=1)
     pp = _size(args, "pipeline_model_parallel_size", path, default=1)
     return tp, pp
+
+
+def expert_parallel_sizes(args: Any, path: Path | None = None) -> tuple[int, int]:
+    """(expert parallel, expert tensor parallel) sizes per `args`; (1, TP) for a dense model.
+    `expert_tensor_parallel_size` unset means the experts are split like the dense layers (TP)."""
+    if _get(args, "num_experts") in (None, 0):
+        return 1, parallel_sizes(args, path)[0]
+    ep = _size(args, "expert_model_parallel_size", path, default=1)
+    etp = _size(args, "expert_tensor_parallel_size", path, default=parallel_sizes(args, path)[0])
+    return ep, etp

@@ -34,6 +34,8 @@ from typing import Any, Literal
 
 import torch
 
+from converters.megatron.example_moe import MOE_DEFAULTS, MOE_FAMILIES, is_moe
+
 __all__ = [
     "FAMILIES",
     "ExampleCheckpoints",
@@ -49,22 +51,28 @@ _INSTALL_HINT = (
 
 @dataclass(frozen=True)
 class Layout:
-    """One checkpoint layout: on-disk format plus tensor- and pipeline-parallel sizes."""
+    """One checkpoint layout: on-disk format plus tensor-, pipeline- and expert-parallel sizes."""
 
     format: Literal["legacy", "torch_dist"]
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # expert parallelism (MoE families only)
 
     def __post_init__(self) -> None:
         if self.format not in ("legacy", "torch_dist"):
             raise ValueError(f"unknown checkpoint format {self.format!r}")
-        if self.tp < 1 or self.pp < 1:
-            raise ValueError(f"tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
+        if self.tp < 1 or self.pp < 1 or self.ep < 1:
+            raise ValueError(f"tp, pp and ep must be >= 1, got {self.tp}, {self.pp}, {self.ep}")
 
     @property
     def dirname(self) -> str:
-        """Directory name for this layout, e.g. ``legacy_tp2_pp1``."""
-        return f"{self.format}_tp{self.tp}_pp{self.pp}"
+        """Directory name for this layout, e.g. ``legacy_tp2_pp1`` (``..._ep2`` with EP)."""
+        suffix = f"_ep{self.ep}" if self.ep > 1 else ""
+        return f"{self.format}_tp{self.tp}_pp{self.pp}{suffix}"
+
+    @property
+    def key(self) -> tuple[str, int, int, int]:
+        return (self.format, self.tp, self.pp, self.ep)
 
 
 @dataclass
@@ -133,6 +141,7 @@ _DEFAULTS: dict[str, Any] = {
     "random_biases_and_norms": False,
     # Megatron-LM core 0.16's name for --apply-layernorm-1p (saved in args under this name only).
     "layernorm_zero_centered_gamma": False,
+    **MOE_DEFAULTS,
 }
 
 # The dense Hugging Face families: attention weights large enough (init_method_std) that
@@ -176,6 +185,8 @@ FAMILIES["starcoder"] = {
     "random_biases_and_norms": True,
 }
 
+
+FAMILIES |= MOE_FAMILIES
 
 # --------------------------------------------------------------------------------------------
 # Public API
@@ -224,7 +235,7 @@ def write_example_checkpoint(
 
     ``kwargs`` are those of :func:`write_example_checkpoints` (seed, iteration, dtype, ...).
     """
-    layout = Layout(format, tp, pp)  # type: ignore[arg-type]
+    layout = Layout(format, tp, pp, kwargs.pop("ep", 1))  # type: ignore[arg-type]
     path = Path(path)
     _write({layout: path}, family, **kwargs)
     return path
@@ -311,12 +322,14 @@ def _write(
     for layout in paths:
         if hp["num_layers"] % layout.pp:
             raise ValueError(f"num_layers={hp['num_layers']} is not divisible by pp={layout.pp}")
+        if layout.ep > 1 and (not is_moe(hp) or layout.pp > 1 or hp["num_experts"] % layout.ep):
+            raise ValueError(f"ep={layout.ep} needs a MoE family, PP=1 and experts % ep == 0")
     _check_megatron()
 
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, hp["padded_vocab_size"], (seq_len,), generator=gen, dtype=torch.int64)
 
-    world = math.lcm(1, *(layout.tp * layout.pp for layout in paths))
+    world = math.lcm(1, *(layout.tp * layout.pp * layout.ep for layout in paths))
     for path in paths.values():
         if path.is_dir() and any(path.iterdir()):
             # Replace an earlier checkpoint, but never wipe an unrelated directory.
@@ -328,7 +341,7 @@ def _write(
     with tempfile.TemporaryDirectory(prefix="porter-megatron-") as tmp:
         job = {
             "hp": hp,
-            "paths": {(lay.format, lay.tp, lay.pp): str(p) for lay, p in paths.items()},
+            "paths": {lay.key: str(p) for lay, p in paths.items()},
             "seed": seed,
             "iteration": iteration,
             "dtype": dtype,

@@ -18,6 +18,12 @@ from typing import Any
 import torch
 
 from converters.megatron.example import Layout
+from converters.megatron.example_moe import (
+    is_moe,
+    moe_config_kwargs,
+    patch_cpu_moe,
+    randomize_weights,
+)
 from converters.megatron.example_norm import use_zero_centred_norms
 from converters.megatron.example_save import LAYER_RE, megatron_args, save_legacy, save_torch_dist
 
@@ -46,6 +52,7 @@ def _patch_cpu_gaps() -> None:
     # Tied embeddings with PP > 1: the last stage's copy is moved with .cuda() before an all-reduce.
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
     mrandom.CudaRNGStatesTracker.fork = lambda self, *a, **k: contextlib.nullcontext()
+    patch_cpu_moe()
 
 
 def _worker(rank: int, job: dict[str, Any]) -> None:
@@ -67,52 +74,62 @@ def _worker(rank: int, job: dict[str, Any]) -> None:
 def _run_configs(rank: int, job: dict[str, Any]) -> None:
     from megatron.core import parallel_state
 
-    layouts = [Layout(f, tp, pp) for (f, tp, pp) in job["paths"]]
-    paths = {Layout(f, tp, pp): Path(p) for (f, tp, pp), p in job["paths"].items()}
-    # Every (tp, 1) configuration is needed: as layouts, as the oracle (tp=1) and as the weight
-    # source of the (tp, pp>1) stage models. PP=1 configurations run first.
+    layouts = [Layout(*key) for key in job["paths"]]
+    paths = {Layout(*key): Path(p) for key, p in job["paths"].items()}
+    # Every (tp, 1, ep) configuration is needed: as layouts, as the oracle (1, 1, 1) and as the
+    # weight source of the (tp, pp>1, 1) stage models. PP=1 configurations run first.
     configs = sorted(
-        {(1, 1)} | {(lay.tp, 1) for lay in layouts} | {(lay.tp, lay.pp) for lay in layouts},
-        key=lambda c: (c[1], c[0]),
+        {(1, 1, 1)}
+        | {(lay.tp, 1, lay.ep) for lay in layouts}
+        | {(lay.tp, lay.pp, lay.ep) for lay in layouts},
+        key=lambda c: (c[1], c[2], c[0]),
     )
-    pp1_state: dict[int, dict[str, Any]] = {}  # tp -> this rank's TP shard, PP=1
+    pp1_state: dict[int, dict[str, Any]] = {}  # tp -> this rank's TP shard, PP=1, EP=1
 
-    for tp, pp in configs:
+    for tp, pp, ep in configs:
         parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
             create_gloo_process_groups=False,
         )
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-        dp_rank = parallel_state.get_data_parallel_rank()
-        model = _build_model(job, tp, pp)
+        ep_rank = parallel_state.get_expert_model_parallel_rank()
+        # Megatron-LM's legacy save: one writer per (tp, pp, ep) shard.
+        writer = parallel_state.get_expert_data_parallel_rank() == 0
+        model = _build_model(job, tp, pp, ep)
         if pp == 1:
             assert rank % tp == tp_rank  # default "tp-cp-ep-dp-pp" order keeps tp fastest
             if job["hp"]["random_biases_and_norms"]:
                 _randomize_biases_and_norms(model, job, tp_rank, tp)
-            pp1_state[tp] = dict(model.state_dict())
+            if is_moe(job["hp"]):
+                randomize_weights(model, job, tp_rank, tp, ep_rank, ep)
+            if ep == 1:
+                pp1_state[tp] = dict(model.state_dict())
         else:
             offset = pp_rank * (job["hp"]["num_layers"] // pp)
             model.load_state_dict(_stage_state(model, pp1_state[tp], offset), strict=True)
 
-        if (tp, pp) == (1, 1) and rank == 0:
+        if (tp, pp, ep) == (1, 1, 1) and rank == 0:
             torch.save(_oracle_logits(model, job["tokens"]), job["oracle_file"])
 
         for layout in layouts:
-            if (layout.tp, layout.pp) != (tp, pp):
+            if (layout.tp, layout.pp, layout.ep) != (tp, pp, ep):
                 continue
             args = megatron_args(job, layout)
             if layout.format == "legacy":
-                if dp_rank == 0:
-                    save_legacy(model, args, job, paths[layout], tp_rank, pp_rank, pp)
+                if writer:
+                    save_legacy(
+                        model, args, job, paths[layout], (tp_rank, pp_rank, ep_rank), layout
+                    )
             else:
                 save_torch_dist(model, args, job, paths[layout])
         del model
 
 
-def _transformer_config(job: dict[str, Any], tp: int, pp: int):
+def _transformer_config(job: dict[str, Any], tp: int, pp: int, ep: int = 1):
     from megatron.core.transformer import TransformerConfig
 
     hp = job["hp"]
@@ -150,6 +167,7 @@ def _transformer_config(job: dict[str, Any], tp: int, pp: int):
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         sequence_parallel=False,
+        **moe_config_kwargs(hp, ep),
     )
 
 
@@ -162,16 +180,23 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.gelu(x)
 
 
-def _build_model(job: dict[str, Any], tp: int, pp: int):
+def _build_model(job: dict[str, Any], tp: int, pp: int, ep: int = 1):
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     hp = job["hp"]
-    config = _transformer_config(job, tp, pp)
+    config = _transformer_config(job, tp, pp, ep)
     spec = get_gpt_layer_local_spec(
-        normalization=hp["normalization"], qk_layernorm=hp["qk_layernorm"]
+        num_experts=hp["num_experts"],
+        moe_grouped_gemm=False,
+        normalization=hp["normalization"],
+        qk_layernorm=hp["qk_layernorm"],
     )
+    if hp["moe_layer_freq"] != 1:  # dense and MoE layers: the block spec picks per layer
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+        spec = get_gpt_decoder_block_spec(config, False, normalization=hp["normalization"])
     if _zero_centred(hp):
         spec = use_zero_centred_norms(spec)
     torch.manual_seed(job["seed"])

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from converters.megatron.example import Layout
+from converters.megatron.example_moe import grouped_expert_state, moe_args
 
 LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -63,7 +64,7 @@ def megatron_args(job: dict[str, Any], layout: Layout) -> argparse.Namespace:
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        num_experts=None,
+        **moe_args(hp, layout.ep),
         qk_layernorm=hp["qk_layernorm"],
         transformer_impl="transformer_engine" if job["te_names"] else "local",
         ckpt_format="torch" if layout.format == "legacy" else "torch_dist",
@@ -141,17 +142,23 @@ def save_legacy(
     args: argparse.Namespace,
     job: dict[str, Any],
     root: Path,
-    tp_rank: int,
-    pp_rank: int,
-    pp: int,
+    ranks: tuple[int, int, int],
+    layout: Layout,
 ) -> None:
+    """Write this (tp, pp, ep) rank's `mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt` (Megatron-LM's
+    `get_checkpoint_name`: the PP part when PP > 1, the EP part when EP > 1)."""
     import random
 
+    tp_rank, pp_rank, ep_rank = ranks
     iteration = job["iteration"]
-    name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    name = f"mp_rank_{tp_rank:02d}"
+    name += f"_{pp_rank:03d}" if layout.pp > 1 else ""
+    name += f"_{ep_rank:03d}" if layout.ep > 1 else ""
     rank_dir = root / f"iter_{iteration:07d}" / name
     rank_dir.mkdir(parents=True, exist_ok=True)
-    state: dict[str, Any] = dict(model.state_dict())
+    state: dict[str, Any] = grouped_expert_state(
+        dict(model.state_dict()), job["hp"]["expert_layout"]
+    )
     if job["te_names"]:  # torch_dist always stores the fused names: nothing to emulate there
         state = _te_rename(state)
     checkpoint = {
@@ -171,7 +178,7 @@ def save_legacy(
         "num_floating_point_operations_so_far": 0,
     }
     torch.save(checkpoint, rank_dir / "model_optim_rng.pt")
-    if tp_rank == 0 and pp_rank == 0:
+    if tp_rank == 0 and pp_rank == 0 and ep_rank == 0:
         _write_tracker(root, iteration)
 
 

@@ -18,21 +18,22 @@ import torch
 
 from converters.errors import CorruptCheckpoint, NotAMegatronCheckpoint, UnsupportedModel
 from converters.megatron import names
-from converters.megatron.args import model_config_from_args, parallel_sizes
+from converters.megatron.args import expert_parallel_sizes, model_config_from_args, parallel_sizes
+from converters.megatron.moe_checks import check_moe_layer
+from converters.megatron.rank_dirs import (
+    MODEL_FILES,
+    RankKey,
+    find_rank_dirs,
+    is_rank_model_file,  # noqa: F401  (re-exported)
+    rank_dir_name,
+    rank_key,
+)
 from converters.megatron.safe_load import load_pt
 from converters.model import ModelConfig
 from converters.tensors import Concat, FileRange, LazyTensor, concat
 
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
-_MODEL_FILES = ("model_optim_rng.pt", "model_rng.pt")
 _STORAGE_RECORD = re.compile(r"(?:^|/)data/[^/]+$")  # torch.save: "<archive>/data/<storage key>"
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # zip local file header: signature ... name/extra lengths
-
-
-def is_rank_model_file(relative: str) -> bool:
-    """Whether `relative` ("mp_rank_00_001/model_optim_rng.pt") names a rank's model file."""
-    folder, _, name = relative.rpartition("/")
-    return bool(_RANK_DIR.match(folder)) and name in _MODEL_FILES
 
 
 def is_storage_record(name: str) -> bool:
@@ -104,33 +105,29 @@ def _byte_span(tensor: torch.Tensor) -> tuple[int, int] | None:
     return first * tensor.element_size(), (last + 1) * tensor.element_size()
 
 
-def find_rank_dirs(iter_dir: Path) -> dict[tuple[int, int], Path]:
-    """{(tp, pp): folder} for the `mp_rank_*` folders of an iteration directory."""
-    found = {}
-    for child in iter_dir.iterdir():
-        match = _RANK_DIR.match(child.name)
-        if match and child.is_dir():
-            found[(int(match.group(1)), int(match.group(2) or 0))] = child
-    return found
-
-
 class _ShardFiles:
     """The rank files of one checkpoint, each loaded (memory-mapped) on first use and validated."""
 
-    def __init__(self, dirs: dict[tuple[int, int], Path]) -> None:
+    def __init__(self, dirs: dict[Any, Path]) -> None:
         self.dirs = dirs
-        self._models: dict[tuple[int, int], tuple[Path, dict[str, Any]]] = {}
-        self._payloads: dict[tuple[int, int], dict[str, Any]] = {}
-        self._offsets: dict[tuple[int, int], dict[int, int] | None] = {}
+        self.moe = True  # whether MoE keys are known (set from `args` before any model is read)
+        self._models: dict[RankKey, tuple[Path, dict[str, Any]]] = {}
+        self._payloads: dict[RankKey, dict[str, Any]] = {}
+        self._offsets: dict[RankKey, dict[int, int] | None] = {}
 
-    def path(self, rank: tuple[int, int]) -> Path:
+    def rekey(self, keys: dict[Any, RankKey]) -> None:
+        """Name the files by (tp, pp, ep) once the args have told what their names mean."""
+        self.dirs = {keys[k]: d for k, d in self.dirs.items()}
+        self._payloads = {keys[k]: p for k, p in self._payloads.items()}
+
+    def path(self, rank: RankKey) -> Path:
         folder = self.dirs[rank]
-        for name in _MODEL_FILES:
+        for name in MODEL_FILES:
             if (folder / name).exists():
                 return folder / name
-        raise CorruptCheckpoint(f"no {_MODEL_FILES[0]} in the rank directory", folder)
+        raise CorruptCheckpoint(f"no {MODEL_FILES[0]} in the rank directory", folder)
 
-    def payload(self, rank: tuple[int, int]) -> dict[str, Any]:
+    def payload(self, rank: RankKey) -> dict[str, Any]:
         """The whole unpickled dict of a rank file (tensors memory-mapped, not read)."""
         if rank not in self._payloads:
             path = self.path(rank)
@@ -142,7 +139,7 @@ class _ShardFiles:
             self._payloads[rank] = payload
         return self._payloads[rank]
 
-    def model(self, rank: tuple[int, int]) -> tuple[Path, dict[str, Any]]:
+    def model(self, rank: RankKey) -> tuple[Path, dict[str, Any]]:
         """(file, state dict) of a rank, with every key checked against the known names."""
         if rank not in self._models:
             path, payload = self.path(rank), self.payload(rank)
@@ -154,14 +151,17 @@ class _ShardFiles:
                 raise NotAMegatronCheckpoint("no `model` state dict in the file", path)
             state = payload["model"]
             unknown = sorted(
-                k for k in state if not names.is_ignored(k) and _canonical_local(k) is None
+                k
+                for k in state
+                if not names.is_ignored(k)
+                and (_canonical_local(k) is None or (not self.moe and names.is_moe_key(k)))
             )
             if unknown:
                 raise UnsupportedModel(f"unknown parameter names: {', '.join(unknown)}", path)
             self._models[rank] = (path, state)
         return self._models[rank]
 
-    def storage_offsets(self, rank: tuple[int, int]) -> dict[int, int] | None:
+    def storage_offsets(self, rank: RankKey) -> dict[int, int] | None:
         """{storage data_ptr: offset in the rank file} of the model tensors; None if unknown."""
         if rank not in self._offsets:
             path, state = self.model(rank)
@@ -170,11 +170,15 @@ class _ShardFiles:
 
 
 def _canonical_local(key: str) -> str | None:
-    """Canonical name with the *local* layer number for a stored key, or None if unknown."""
+    """Canonical name with the *local* layer number for a stored key, or None if unknown (a
+    local expert's parameter: its stored name, which has no canonical form before EP is known)."""
     if key in names.GLOBAL_PARAMS:
         return key
     parsed = names.parse_layer_key(key)
-    return names.layer_name(*parsed) if parsed else None
+    if parsed:
+        return names.layer_name(*parsed)
+    layer = names.split_layer_name(key)
+    return key if layer and names.parse_stored_expert(layer[1]) else None
 
 
 class _ShardTensor(LazyTensor):
@@ -183,7 +187,7 @@ class _ShardTensor(LazyTensor):
     def __init__(
         self,
         files: _ShardFiles,
-        rank: tuple[int, int],
+        rank: RankKey,
         key_candidates: tuple[str, ...],
         shape: tuple[int, ...],
         dtype: torch.dtype,
@@ -257,6 +261,58 @@ class _ShardTensor(LazyTensor):
         return self.nbytes
 
 
+class _GroupedExpert(_ShardTensor):
+    """Expert j's [out, in] weight inside a legacy GroupedMLP packed weight (`weight1`
+    [H, E_local·fc1_rows], `weight2` [E_local·F, H]), which megatron-core reads as
+    `.view(E_local, in, out)`: expert j's contiguous [in, out] block, transposed."""
+
+    def __init__(
+        self,
+        files: _ShardFiles,
+        rank: RankKey,
+        key: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        expert: int,
+        local_experts: int,
+        region: tuple[tuple[int, int, int], ...] = (),
+    ) -> None:
+        super().__init__(files, rank, (key,), shape, dtype, region)
+        self.expert, self.local_experts = expert, local_experts
+
+    def narrow(self, dim: int, start: int, length: int) -> LazyTensor:
+        self._check_narrow(dim, start, length)
+        region = (*self.region, (dim, start, length))
+        return _GroupedExpert(
+            self.files,
+            self.rank,
+            self.keys[0],
+            self.full_shape,
+            self.dtype,
+            self.expert,
+            self.local_experts,
+            region,
+        )
+
+    def _stored(self) -> tuple[Path, torch.Tensor]:
+        path, state = self.files.model(self.rank)
+        key = self.keys[0]
+        packed = state.get(key)
+        out_size, in_size = self.full_shape
+        expected = (in_size, self.local_experts * out_size)
+        if key.endswith("weight2"):
+            expected = (self.local_experts * in_size, out_size)
+        if not isinstance(packed, torch.Tensor) or tuple(packed.shape) != expected:
+            found = tuple(packed.shape) if isinstance(packed, torch.Tensor) else type(packed)
+            raise CorruptCheckpoint(
+                f"{key} is {found}, expected {expected} for {self.local_experts} local experts "
+                "(GroupedMLP, [in, out])",
+                path,
+            )
+        experts = packed.reshape(self.local_experts, in_size, out_size)
+        return path, experts[self.expert].t()
+
+
 class LegacyCheckpoint:
     """A legacy-format iteration directory (`iter_XXXXXXX/` or `release/`)."""
 
@@ -264,17 +320,30 @@ class LegacyCheckpoint:
 
     def __init__(self, iter_dir: Path) -> None:
         self.path = iter_dir
-        dirs = find_rank_dirs(iter_dir)
-        if not dirs:
+        numbered = find_rank_dirs(iter_dir)
+        if not numbered:
             raise NotAMegatronCheckpoint("no mp_rank_* directories", iter_dir)
-        self._files = _ShardFiles(dirs)
-        first = self._files.payload(min(dirs))
-        first_path = self._files.path(min(dirs))
+        self._files = _ShardFiles(numbered)
+        first = self._files.payload(min(numbered))
+        first_path = self._files.path(min(numbered))
         self.args = first.get("args")
         self.tp, self.pp = (
             parallel_sizes(self.args, first_path) if self.args is not None else (0, 0)
         )
-        self._check_rank_dirs(dirs)
+        # Expert parallelism: each file holds its TP rank's dense weights (the same in every EP
+        # copy) and its EP rank's experts, split over the expert TP group.
+        self.ep, self.etp = (
+            expert_parallel_sizes(self.args, first_path) if self.args is not None else (1, 0)
+        )
+        if self.args is not None and self.etp != self.tp:
+            raise UnsupportedModel(
+                f"expert_tensor_parallel_size={self.etp} differs from the tensor-parallel size "
+                f"{self.tp} (MoE parallel folding), which Porter does not read from legacy "
+                "checkpoints",
+                first_path,
+            )
+        self._files.moe = getattr(self.args, "num_experts", None) not in (None, 0)
+        self._files.rekey(self._check_rank_dirs(numbered))
         self.stage_layers = [self._count_layers(stage) for stage in range(self.pp)]
         dtype = self._stored_dtype(first_path)
         self.config: ModelConfig = model_config_from_args(self.args, dtype, first_path)
@@ -284,29 +353,47 @@ class LegacyCheckpoint:
                 f"{self.config.num_layers}",
                 iter_dir,
             )
-
-    def _check_rank_dirs(self, dirs: dict[tuple[int, int], Path]) -> None:
-        for pp in range(self.pp):
-            for tp in range(self.tp):
-                if (tp, pp) not in dirs:
-                    name = f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if self.pp > 1 else "")
-                    raise CorruptCheckpoint(
-                        f"missing rank directory {name} (args say TP={self.tp}, PP={self.pp})",
-                        self.path / name,
-                    )
-        extra = sorted(str(d) for (tp, pp), d in dirs.items() if tp >= self.tp or pp >= self.pp)
-        if extra:
+        check_moe_layer(self, first_path)
+        if self.config.num_experts % self.ep:
             raise CorruptCheckpoint(
-                f"rank directories beyond TP={self.tp}, PP={self.pp}: {', '.join(extra)}", self.path
+                f"num_experts={self.config.num_experts} does not split over "
+                f"expert_model_parallel_size={self.ep}",
+                first_path,
             )
 
+    def _check_rank_dirs(self, numbered: dict[tuple[int, ...], Path]) -> dict[Any, RankKey]:
+        """{folder numbers: (tp, pp, ep)}, naming every folder of the (TP, PP, EP) grid that is
+        missing (MoE parallel folding used to leave holes: Megatron-LM #4200) and every extra."""
+        sizes = (self.pp, self.ep)
+        keys = {n: rank_key(n, *sizes) for n in numbered}
+        found = set(keys.values())
+        grid = [
+            (tp, pp, ep) for pp in range(self.pp) for ep in range(self.ep) for tp in range(self.tp)
+        ]
+        missing = [rank_dir_name(*rank, sizes) for rank in grid if rank not in found]
+        said = f"args say TP={self.tp}, PP={self.pp}" + (f", EP={self.ep}" if self.ep > 1 else "")
+        if missing:
+            files = [f"{name}/{MODEL_FILES[0]}" for name in missing]
+            raise CorruptCheckpoint(
+                f"missing rank directory {missing[0]}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + f": {', '.join(files)} ({said})",
+                self.path / missing[0],
+            )
+        extra = sorted(str(numbered[n]) for n, key in keys.items() if key not in grid)
+        if extra:
+            raise CorruptCheckpoint(
+                f"rank directories beyond the grid ({said}): {', '.join(extra)}", self.path
+            )
+        return keys  # type: ignore[return-value]
+
     def _count_layers(self, stage: int) -> int:
-        _, state = self._files.model((0, stage))
+        _, state = self._files.model((0, stage, 0))
         layers = {parsed[0] for key in state if (parsed := names.parse_layer_key(key))}
         return len(layers)
 
     def _stored_dtype(self, path: Path) -> torch.dtype:
-        _, state = self._files.model((0, 0))
+        _, state = self._files.model((0, 0, 0))
         for key, value in state.items():
             if (
                 isinstance(value, torch.Tensor)
@@ -328,34 +415,56 @@ class LegacyCheckpoint:
         """Every rank file of the checkpoint."""
         return [self._files.path(rank) for rank in sorted(self._files.dirs)]
 
-    def _locate(self, name: str) -> tuple[int, tuple[str, ...]]:
-        """(source stage, stored key candidates) of a canonical name."""
+    def _locate(self, name: str) -> tuple[int, int, tuple[str, ...]]:
+        """(source stage, EP rank, stored key candidates) of a canonical name."""
         if name in ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight"):
-            return 0, (name,)
+            return 0, 0, (name,)
         if name in names.GLOBAL_PARAMS:
-            return self.pp - 1, (name,)
-        parsed = names.split_layer_name(name)
+            return self.pp - 1, 0, (name,)
+        expert = names.split_expert_name(name)
+        parsed = (expert[0], "") if expert else names.split_layer_name(name)
         if not parsed:
             raise KeyError(name)
         layer, suffix = parsed
+        if not 0 <= layer < self.config.num_layers:
+            raise KeyError(name)
         stage = max(s for s, offset in enumerate(self._layer_offsets) if offset <= layer)
         local = layer - self._layer_offsets[stage]
-        return stage, tuple(names.layer_name(local, s) for s in names.stored_suffixes(suffix))
+        if expert:
+            _, number, param = expert
+            if not 0 <= number < self.config.num_experts:
+                raise KeyError(name)
+            ep_rank, j = divmod(number, self.config.num_experts // self.ep)
+            module, kind = param.rsplit(".", 1)
+            stored = (f"mlp.experts.local_experts.{j}.{param}", f"mlp.experts.{module}.{kind}{j}")
+            grouped = names.GROUPED_EXPERT_KEYS.get(param)
+            stored += (grouped,) if grouped else ()
+            return stage, ep_rank, tuple(names.layer_name(local, s) for s in stored)
+        keys = tuple(names.layer_name(local, s) for s in names.stored_suffixes(suffix))
+        return stage, 0, keys
+
+    def _stored_key(self, name: str) -> tuple[RankKey, str | None]:
+        """(file holding `name` on TP rank 0, the key it stores it under, or None)."""
+        stage, ep_rank, keys = self._locate(name)
+        _, state = self._files.model((0, stage, ep_rank))
+        return (0, stage, ep_rank), next((key for key in keys if key in state), None)
 
     def has(self, name: str) -> bool:
         """Whether the checkpoint stores the canonical tensor `name`."""
         try:
-            stage, keys = self._locate(name)
+            return self._stored_key(name)[1] is not None
         except KeyError:
             return False
-        _, state = self._files.model((0, stage))
-        return any(key in state for key in keys)
 
     def tensor(self, name: str) -> LazyTensor:
-        """The global (TP-merged) tensor `name`, lazily: nothing is read until materialized."""
-        stage, keys = self._locate(name)
-        if not self.has(name):
-            raise CorruptCheckpoint(f"missing parameter {keys[0]}", self._files.path((0, stage)))
+        """The global (TP-merged) tensor `name`, lazily: nothing is read until materialized.
+        A routed expert is read from the EP rank that owns it, one expert at a time."""
+        (_, stage, ep_rank), key = self._stored_key(name)
+        if key is None:
+            keys = self._locate(name)[2]
+            raise CorruptCheckpoint(
+                f"missing parameter {keys[0]}", self._files.path((0, stage, ep_rank))
+            )
         full = names.expected_shape(name, self.config)
         partition = names.partition_of(name, self.config)
         dim = 1 if partition == "cols" else 0
@@ -363,13 +472,22 @@ class LegacyCheckpoint:
         if partition != "replicated":
             if full[dim] % self.tp:
                 raise CorruptCheckpoint(
-                    f"{keys[0]}: size {full[dim]} does not split over TP={self.tp}", self.path
+                    f"{key}: size {full[dim]} does not split over TP={self.tp}", self.path
                 )
             shard_shape[dim] //= self.tp
         dtype = self.config.torch_dtype
+        expert = names.split_expert_name(name)
+        grouped = expert is not None and key.endswith(tuple(names.GROUPED_EXPERT_KEYS.values()))
 
         def shard(tp: int) -> _ShardTensor:
-            return _ShardTensor(self._files, (tp, stage), keys, tuple(shard_shape), dtype)
+            rank = (tp, stage, ep_rank)
+            if grouped:
+                local_experts = self.config.num_experts // self.ep
+                j = expert[1] % local_experts
+                return _GroupedExpert(
+                    self._files, rank, key, tuple(shard_shape), dtype, j, local_experts
+                )
+            return _ShardTensor(self._files, rank, (key,), tuple(shard_shape), dtype)
 
         if partition == "replicated":
             return shard(0)

@@ -75,7 +75,7 @@ def test_unreachable_redis_is_one_line_naming_it_without_the_password(capsys, mo
 
     monkeypatch.setenv("PORTER_REDIS_URL", f"redis://:hunter2@127.0.0.1:{free_port()}/0")
     started = time.monotonic()
-    assert main(["status", "some-job"]) == 1
+    assert main(["status", f"megatron-trtllm-{'0' * 16}"]) == 1  # a job id: Redis is asked
     # A person hears within seconds (workers retry for about half a minute; this took 35 s).
     assert time.monotonic() - started < 10
     err = capsys.readouterr().err.strip()

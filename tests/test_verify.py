@@ -285,16 +285,16 @@ def test_unfinished_export_is_refused(export, tmp_path):
     source, out = export("llama", TP2, "trtllm", tp=2)
     bad = copy(out, tmp_path)
     (bad / "manifest.json").unlink()
-    with pytest.raises(BadExport, match="unfinished export: no manifest.json"):
+    with pytest.raises(BadExport, match=r"unfinished export: no manifest\.json"):
         run(source, bad)
     assert run(source, bad, finished=False).ok  # what the job step does before it publishes
 
 
 def test_unknown_export_format_is_refused(megatron, tmp_path):
     source = megatron("llama").paths[TP2]
-    with pytest.raises(BadExport, match="unknown export format: no config.json"):
+    with pytest.raises(BadExport, match=r"unknown export format: no config\.json"):
         run(source, tmp_path)
     (tmp_path / "config.json").write_text('{"model": "x"}')
     (tmp_path / "weights.bin").write_bytes(b"\0")
-    with pytest.raises(BadExport, match="unknown export format: config.json names neither"):
+    with pytest.raises(BadExport, match=r"unknown export format: config\.json names neither"):
         run(source, tmp_path)

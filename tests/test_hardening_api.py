@@ -277,3 +277,16 @@ def test_openapi_documents_request_bodies_and_how_each_call_authenticates(api):
     trtllm = next(s for s in kinds["oneOf"] if s["title"] == "megatron-trtllm job spec")
     assert set(trtllm["required"]) == {"source", "output", "tp"}
     assert trtllm["properties"]["tp"] == {"type": "integer"}
+
+
+def test_serve_says_at_start_what_it_keeps_off_and_how_to_turn_it_on(redis_url, tmp_path):
+    """The local stack's write routes were off with nothing said (403 only when one tried)."""
+    env = worker_env(redis_url, "http://127.0.0.1:9", tmp_path)
+    env["PORTER_ALLOW_ANY_LOCATION"] = "1"
+    log = tmp_path / "serve.log"
+    with serve(env, log) as base:
+        status, answer, _ = call(f"{base}/v1/jobs", b"{}", AUTH)
+        assert status == 403 and "PORTER_API_TOKEN" in answer["detail"]
+    text = log.read_text()
+    for variable in ("PORTER_API_TOKEN", "PORTER_HOOK_SECRET", "PORTER_HF_WEBHOOK_SECRET"):
+        assert f"set {variable} to turn them on" in text, text

@@ -17,6 +17,7 @@ signatures are never logged or echoed.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -107,6 +108,8 @@ def create_app(
     app = FastAPI(title="Porter", version="1", summary="Porter's conversion jobs and triggers")
     state = {"records": records}
     buckets = _output_buckets(profiles)
+    for off in _switched_off(settings):  # said once at start: nothing is silently off
+        logging.getLogger(__name__).warning("porter serve: %s", off)
 
     def recs() -> JobRecords:
         if state["records"] is None:
@@ -252,6 +255,20 @@ def create_app(
 
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     return app
+
+
+def _switched_off(settings: Settings) -> list[str]:
+    """What this service refuses for want of a secret, and the setting that turns it on."""
+    off = {
+        "job-changing calls (POST /v1/jobs, cancel, retry)": ("PORTER_API_TOKEN", "api_token"),
+        "training-complete hooks": ("PORTER_HOOK_SECRET", "hook_secret"),
+        "Hugging Face Hub webhooks": ("PORTER_HF_WEBHOOK_SECRET", "hf_webhook_secret"),
+    }
+    return [
+        f"{what} are off: set {variable} to turn them on"
+        for what, (variable, name) in off.items()
+        if not getattr(settings, name)
+    ]
 
 
 def _ping(url: str) -> str:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from converters.powerinfer.errors import (
     BadActivationShape,
@@ -21,7 +20,6 @@ from converters.powerinfer.errors import (
     MissingActivationLayer,
     NotATensor,
 )
-from converters.safe_load import load_pt
 
 ACTIVATION_NAME = re.compile(r"activation_([0-9]+)\.pt")
 
@@ -80,6 +78,10 @@ def order_activation_names(names: list[str], where: str | Path) -> list[str]:
 
 def load_layer(path: Path) -> np.ndarray:
     """One layer's validated activation vector (float32 or float64, length n_ff) from a `.pt`."""
+    import torch  # here, not at the top: naming and ordering the files needs no torch
+
+    from converters.safe_load import load_pt
+
     obj = load_pt(path)
     if not isinstance(obj, torch.Tensor):
         raise NotATensor(

@@ -27,10 +27,10 @@ from fractions import Fraction
 
 import numpy as np
 
-from converters.powerinfer.dp_kernel import thresholded_counts
+from converters.choices import POWERINFER_BATCH
 from converters.powerinfer.errors import InvalidSplitParameters
 
-DEFAULT_BATCH = 256
+DEFAULT_BATCH = POWERINFER_BATCH
 _PARALLEL_SORT_SIZE = 1 << 20  # values per sorting thread, at least
 
 
@@ -180,6 +180,8 @@ def solve_groups(
     if min_groups <= 1:
         method, chosen = "greedy", _greedy(groups, budget)
     else:
+        from converters.powerinfer.dp_kernel import thresholded_counts  # numba: only for dp
+
         method, chosen = "dp", thresholded_counts(groups, budget, min_groups)
     objective = float(sum(groups[i, : chosen[i]].sum() for i in range(n_layers)))
     return Split(

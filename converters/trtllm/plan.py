@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from converters.choices import NONFINITE_POLICIES
 from converters.errors import ConversionError, IncompatibleParallelism, UnsupportedModel
 from converters.megatron.layout import SourceCheckpoint
 from converters.model import DTYPES, ModelConfig
 from converters.tensors import LazyTensor, Zeros
 from converters.trtllm import reshard
 from converters.trtllm.families import ModelFamily, family_for
-
-NONFINITE_POLICIES = ("warn", "error")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,10 @@
 """`porter` command line: the parser and the dispatch to one module per command group
 (`convert.py`: convert, plan, inspect, example; `queue.py`: the queued jobs; `schedule.py`).
-The options of each job kind come from the kind (`tasks.kinds`)."""
+The options of each job kind come from the kind (`tasks.kinds`).
+
+Nothing here imports torch, numba, Celery or megatron-core: the command that needs them imports
+them (`porter --help`, `status` and `jobs` start in a fraction of a second; tests/test_cli_imports.py).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,38 @@ import argparse
 import os
 import re
 import sys
-from collections.abc import Sequence
-
-import redis
+from collections.abc import Iterator, Sequence
 
 from converters.errors import ConversionError
-from converters.megatron.example import FAMILIES as EXAMPLE_FAMILIES
 from tasks.cli import convert, queue, schedule, verify
 from tasks.kinds import all_kinds
+
+
+class _ExampleFamilies:
+    """`porter example megatron --family` choices, read from the example writer's module (which
+    imports torch and megatron-core) only when argparse checks a given value or lists them."""
+
+    @staticmethod
+    def _names() -> list[str]:
+        from converters.megatron.example import FAMILIES
+
+        return sorted(FAMILIES)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+
+def _redis_error() -> type[BaseException]:
+    """redis.RedisError if a command loaded redis (else nothing it raised can be one)."""
+    loaded = sys.modules.get("redis")
+    return loaded.RedisError if loaded is not None else _NoRedisError
+
+
+class _NoRedisError(Exception):
+    """Never raised: stands for redis.RedisError while redis is not imported."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     example_megatron.add_argument("output", help="checkpoint root to create")
     example_megatron.add_argument(
         "--family",
-        choices=sorted(EXAMPLE_FAMILIES),
+        choices=_ExampleFamilies(),
+        metavar="FAMILY",
         default="llama",
         help="llama, gpt, llama31 (rope scaling), qwen2 (QKV bias), qwen3 (qk-norm)",
     )
@@ -108,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConversionError as exc:
         print(f"porter: error: {exc}", file=sys.stderr)
         return 1
-    except redis.RedisError as exc:
+    except _redis_error() as exc:
         if os.environ.get("PORTER_DEBUG"):
             raise
         from config.settings import Settings

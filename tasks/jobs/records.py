@@ -7,6 +7,7 @@ Keys (prefix `porter:`):
 - `job:{id}:step:{name}` (hash): state, done, total, started, finished, seconds, deliveries,
   worker, error and the step's result fields (bytes_read, bytes_written, sha256, ...).
 - `jobs` (sorted set): job ids by creation time; `running` (set): jobs in RUNNING, for the reaper.
+- `job:{id}:ended` (pub/sub channel): a message when the job ends, for `--wait` (`watch_end`).
 - A running step's hash also holds `heartbeat` (unix s, refreshed every few seconds) and `node`
   (the Celery worker running it), which the reaper uses to find steps whose worker died.
 
@@ -16,10 +17,11 @@ step that is otherwise fine (pipeline spec).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -179,9 +181,43 @@ class JobRecords:
         if state in TERMINAL:
             self._ended(job)
 
+    @staticmethod
+    def ended_channel(job: str) -> str:
+        """The pub/sub channel on which a message says that `job` has just ended."""
+        return f"{_PREFIX}job:{job}:ended"
+
+    @contextlib.contextmanager
+    def watch_end(self, job: str) -> Iterator[Callable[[float], bool]]:
+        """Subscribe to `job`'s end; yields `ended(timeout)`, which returns True as soon as the
+        end message arrives, False after `timeout` seconds without it (or when Redis dropped the
+        subscription: the caller reads the record either way)."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(self.ended_channel(job))
+        except redis.RedisError:
+            pubsub = None
+
+        def ended(timeout: float) -> bool:
+            if pubsub is not None:
+                try:
+                    return pubsub.get_message(timeout=timeout) is not None
+                except redis.RedisError:
+                    pass
+            time.sleep(timeout)
+            return False
+
+        try:
+            yield ended
+        finally:
+            if pubsub is not None:
+                with contextlib.suppress(redis.RedisError):
+                    pubsub.close()
+
     def _ended(self, job: str) -> None:
-        """The job ended: not running any more; its keys expire after the TTL."""
+        """The job ended: not running any more (waiters hear it at once, `watch_end`); its keys
+        expire after the TTL."""
         self.redis.srem(f"{_PREFIX}running", job)
+        self.redis.publish(self.ended_channel(job), job)
         if self.ttl:
             names = self.redis.zrange(f"{self._job(job)}:steps", 0, -1)
             keys = [self._job(job), f"{self._job(job)}:steps"]

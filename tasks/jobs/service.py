@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from config.celery_app import app
 from config.queues import CPU_QUEUE
 from config.settings import Settings
 from converters.errors import ConversionError
@@ -21,7 +20,6 @@ from tasks.jobs.outputs import remove_outputs
 from tasks.jobs.records import CANCELLED, FAILED, PENDING, SUCCEEDED, TERMINAL, JobRecords
 from tasks.jobs.specs import JobSpec, parse_spec
 from tasks.kinds import kind_named, kind_of
-from tasks.ops import metrics  # noqa: F401  (counts the tasks this process sends)
 
 
 class JobNotFound(ConversionError):
@@ -43,8 +41,19 @@ def connect(settings: Settings | None = None, *, interactive: bool = False) -> J
     )  # fmt: skip
 
 
+def _celery() -> Any:
+    """The Celery app, imported by the calls that send or revoke tasks only (`porter status`,
+    `jobs` and `--wait` never load Celery)."""
+    from config.celery_app import app
+    from tasks.ops import metrics  # noqa: F401  (counts the tasks this process sends)
+
+    return app
+
+
 def _send_plan(job: str, attempt: int) -> None:
-    app.send_task("porter.plan", args=[job], task_id=task_id(job, "plan", attempt), queue=CPU_QUEUE)
+    _celery().send_task(
+        "porter.plan", args=[job], task_id=task_id(job, "plan", attempt), queue=CPU_QUEUE
+    )
 
 
 def _identity(spec: JobSpec) -> list:
@@ -92,7 +101,9 @@ def cancel(records: JobRecords, job: str) -> dict[str, Any]:
     if record["state"] in (SUCCEEDED, CANCELLED):
         raise ConversionError(f"job {job} already ended {record['state']}; nothing to cancel")
     records.force_state(job, CANCELLED, "cancelled by request")
-    app.control.revoke([task_id(job, name, record["attempt"]) for name in _step_names(record)])
+    _celery().control.revoke(
+        [task_id(job, name, record["attempt"]) for name in _step_names(record)]
+    )
     spec = _spec(record)
     removed = remove_outputs(spec, job)
     records.update(job, finished=time.time())
@@ -124,14 +135,18 @@ def retry(records: JobRecords, job: str) -> int:
 
 
 def wait(records: JobRecords, job: str, on_update: Any = None, poll: float = 0.5) -> dict[str, Any]:
-    """Block until the job ends; `on_update(record)` is called after every poll."""
-    while True:
-        record = get(records, job)
-        if on_update:
-            on_update(record)
-        if record["state"] in TERMINAL:
-            return record
-        time.sleep(poll)
+    """Block until the job ends; `on_update(record)` is called after every look at the record.
+    The end is learned at once: whatever ends the job publishes it (`JobRecords.ended_channel`),
+    and this waits on that message; the record is read at least every `poll` seconds anyway (the
+    progress shown, and the fallback should a message be lost to a Redis restart)."""
+    with records.watch_end(job) as ended:  # subscribed before the first read: no end missed
+        while True:
+            record = get(records, job)
+            if on_update:
+                on_update(record)
+            if record["state"] in TERMINAL:
+                return record
+            ended(poll)
 
 
 def progress(record: dict[str, Any]) -> tuple[int, int]:

@@ -17,13 +17,9 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from converters.errors import ConversionError
-from converters.hf.config import generation_config, hf_config, shard_index
-from converters.hf.convert import convert_shard
-from converters.hf.families import family_for
-from converters.hf.plan import HfTarget, check_target, hf_tensors, plan_shards
 from converters.hf.tokenizer import (
     MAX_TOKENIZER_BYTES,
     TOKENIZER_FILES,
@@ -31,7 +27,6 @@ from converters.hf.tokenizer import (
     TokenizerInfo,
     read_tokenizer,
 )
-from converters.model import ModelConfig
 from tasks.jobs.checks import InvalidSpec, check_fields, check_int, check_location, show
 from tasks.jobs.ids import tag_digest
 from tasks.jobs.outputs import artifact_result
@@ -53,12 +48,18 @@ from tasks.kinds.megatron_source import (
     print_summary_head,
     put_json,
     source_fields,
+    source_identity,
     warn_nonfinite,
 )
 from tasks.kinds.verify_step import verification_summary, verify_phase, verify_plan
 from tasks.ops.memory import PeakAnonSampler, peak_rss_bytes, reset_peak_rss
-from tasks.storage import sources
 from tasks.storage.store import open_store
+
+if TYPE_CHECKING:
+    from converters.hf.plan import HfTarget
+
+# The converters (torch) are imported by the steps that use them: the command line and the job
+# service load this module to check specs and show records (tests/test_cli_imports.py).
 
 KIND = "megatron-hf"
 DEFAULT_SHARD_BYTES = 5 * 10**9  # save_pretrained's default, "5GB"
@@ -107,6 +108,8 @@ class HfSpec:
 
     @property
     def target(self) -> HfTarget:
+        from converters.hf.plan import HfTarget
+
         return HfTarget(
             dtype=self.dtype,
             max_shard_bytes=self.max_shard_size,
@@ -129,6 +132,8 @@ class HfSpec:
 
 def inspect_source(spec: HfSpec) -> dict[str, Any]:
     """Read the source's metadata only: format, model config, identity, the shard plan."""
+    from converters.hf.families import family_for
+    from converters.hf.plan import check_target, plan_shards
 
     def plan(source: Any) -> dict[str, Any]:
         check_target(source.config, spec.target)
@@ -181,6 +186,10 @@ def convert_shard_step(
     spec: HfSpec, tag: str, shard: dict[str, Any], progress: Any = None
 ) -> dict[str, Any]:
     """Write one planned shard file to OUTPUT (fetching only the source bytes it reads)."""
+    from converters.hf.convert import convert_shard
+    from converters.hf.plan import hf_tensors
+    from tasks.storage import sources
+
     store = open_store(spec.output)
     key, index, names = shard["file"], shard["index"], set(shard["tensors"])
     done = artifact_result(store, key, tag)
@@ -225,6 +234,9 @@ def _copy_tokenizer(spec: HfSpec, tag: str, files: list[str]) -> list[dict[str, 
 def write_config_step(spec: HfSpec, tag: str, inspected: dict[str, Any]) -> dict[str, Any]:
     """Write `config.json`, `generation_config.json`, the tokenizer files (`--tokenizer`) and, for
     several shards, the index."""
+    from converters.hf.config import generation_config, hf_config, shard_index
+    from converters.model import ModelConfig
+
     config = ModelConfig(**inspected["config"])
     tokenizer = inspected.get("tokenizer") or {}
     special = {k: tokenizer.get(k) for k in ("bos_token_id", "eos_token_id")}
@@ -340,7 +352,7 @@ KIND_SPEC = register(
     JobKind(
         name=KIND,
         spec_type=HfSpec,
-        identity=lambda spec: sources.source_identity(spec.source),
+        identity=source_identity,
         inspect=inspect_source,
         phases=(SHARDS, VERIFY),
         published=_published,

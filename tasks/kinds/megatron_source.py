@@ -8,19 +8,19 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from converters.choices import DTYPE_NAMES, NONFINITE_POLICIES
 from converters.errors import ConversionError
-from converters.megatron.layout import SourceCheckpoint
-from converters.model import DTYPES
-from converters.trtllm.plan import NONFINITE_POLICIES
 from tasks.jobs.checks import InvalidSpec, check_bool, check_location, show
 from tasks.jobs.ids import identity_digest, job_id, output_tag
 from tasks.jobs.outputs import put_bytes
 from tasks.kinds.base import human, human_rate, local_location
 from tasks.kinds.verify_step import verification_line
-from tasks.storage import sources
 from tasks.storage.store import open_store
+
+if TYPE_CHECKING:  # the readers import torch: only the steps that read a checkpoint load them
+    from converters.megatron.layout import SourceCheckpoint
 
 
 def check_source_spec(spec: Any, kind: str) -> None:
@@ -32,8 +32,8 @@ def check_source_spec(spec: Any, kind: str) -> None:
     check_location(spec.output, "OUTPUT")
     if spec.output == spec.source or spec.output.startswith(spec.source.rstrip("/") + "/"):
         raise InvalidSpec(f"OUTPUT {show(spec.output)} lies inside SOURCE")
-    if spec.dtype is not None and spec.dtype not in DTYPES:
-        raise InvalidSpec(f"dtype {show(spec.dtype)} is not one of {', '.join(DTYPES)}")
+    if spec.dtype is not None and spec.dtype not in DTYPE_NAMES:
+        raise InvalidSpec(f"dtype {show(spec.dtype)} is not one of {', '.join(DTYPE_NAMES)}")
     if spec.nonfinite not in NONFINITE_POLICIES:
         raise InvalidSpec(
             f"nonfinite {show(spec.nonfinite)} is not one of {', '.join(NONFINITE_POLICIES)}"
@@ -44,6 +44,8 @@ def check_source_spec(spec: Any, kind: str) -> None:
 def inspect_megatron(spec: Any, plan: Callable[[SourceCheckpoint], dict[str, Any]]) -> dict:
     """Read the source's metadata only: identity, format, model config, and what `plan(source)`
     adds (the kind's per-step plan; its errors are made to name the checkpoint)."""
+    from tasks.storage import sources
+
     identity = sources.source_identity(spec.source)
     source = sources.open_source(spec.source)
     try:
@@ -67,6 +69,13 @@ def inspect_megatron(spec: Any, plan: Callable[[SourceCheckpoint], dict[str, Any
     }
 
 
+def source_identity(spec: Any) -> list[list]:
+    """The identity of a spec's SOURCE from listings (`JobKind.identity`; no weights read)."""
+    from tasks.storage import sources
+
+    return sources.source_identity(spec.source)
+
+
 def put_json(output: str, tag: str, key: str, data: dict[str, Any]) -> dict[str, Any]:
     """Write `data` as `key` in OUTPUT (atomically, tagged); the step result of that file."""
     return put_bytes(open_store(output), key, (json.dumps(data, indent=2) + "\n").encode(), tag)
@@ -83,11 +92,11 @@ def add_source_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     if command != "plan":
         parser.add_argument("output", help=f"output (must be empty): s3://bucket/prefix or {where}")
     parser.add_argument(
-        "--dtype", choices=list(DTYPES), help="output dtype (default: the checkpoint's)"
+        "--dtype", choices=list(DTYPE_NAMES), help="output dtype (default: the checkpoint's)"
     )
     parser.add_argument(
         "--nonfinite",
-        choices=["warn", "error"],
+        choices=list(NONFINITE_POLICIES),
         default="warn",
         help="NaN/infinite weights: list them in the summary (warn, default) or fail (error)",
     )

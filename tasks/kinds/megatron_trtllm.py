@@ -13,15 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from config.queues import GPU_QUEUE
 from config.settings import Settings
-from converters.model import ModelConfig
-from converters.trtllm.config import trtllm_config
-from converters.trtllm.convert import Progress, convert_rank, rank_file_name
-from converters.trtllm.families import family_for
-from converters.trtllm.plan import Target, check_target, estimate_rank
 from tasks.jobs.checks import InvalidSpec, check_bool, check_fields, check_int
 from tasks.jobs.ids import tag_digest
 from tasks.jobs.outputs import artifact_result
@@ -42,12 +37,19 @@ from tasks.kinds.megatron_source import (
     print_summary_head,
     put_json,
     source_fields,
+    source_identity,
     warn_nonfinite,
 )
 from tasks.kinds.verify_step import verification_summary, verify_phase, verify_plan
 from tasks.ops.memory import PeakAnonSampler, peak_rss_bytes, reset_peak_rss
-from tasks.storage import sources
 from tasks.storage.store import open_store
+
+if TYPE_CHECKING:
+    from converters.trtllm.convert import Progress
+    from converters.trtllm.plan import Target
+
+# The converters (torch) are imported by the steps that use them: the command line and the job
+# service load this module to check specs and show records (tests/test_cli_imports.py).
 
 KIND = "megatron-trtllm"
 CONFIG = "config.json"
@@ -81,6 +83,8 @@ class ConvertSpec:
 
     @property
     def target(self) -> Target:
+        from converters.trtllm.plan import Target
+
         return Target(
             tp=self.tp,
             pp=self.pp,
@@ -105,6 +109,9 @@ class ConvertSpec:
 
 def inspect_source(spec: ConvertSpec) -> dict[str, Any]:
     """Read the source's metadata only: format, model config, identity, per-rank cost estimates."""
+    from converters.trtllm.families import family_for
+    from converters.trtllm.plan import check_target, estimate_rank
+
     target = spec.target
 
     def plan(source: Any) -> dict[str, Any]:
@@ -122,6 +129,9 @@ def convert_rank_step(
     spec: ConvertSpec, tag: str, rank: int, progress: Progress | None = None
 ) -> dict[str, Any]:
     """Write `rank{rank}.safetensors` to OUTPUT (fetching only the source bytes this rank reads)."""
+    from converters.trtllm.convert import convert_rank, rank_file_name
+    from tasks.storage import sources
+
     store = open_store(spec.output)
     key = rank_file_name(rank)
     done = artifact_result(store, key, tag)
@@ -149,6 +159,9 @@ def convert_rank_step(
 
 def write_config_step(spec: ConvertSpec, tag: str, inspected: dict[str, Any]) -> dict[str, Any]:
     """Write `config.json` to OUTPUT (from `inspect_source`'s model config)."""
+    from converters.model import ModelConfig
+    from converters.trtllm.config import trtllm_config
+
     config = ModelConfig(**inspected["config"])
     return put_json(spec.output, tag, CONFIG, trtllm_config(config, spec.target))
 
@@ -284,7 +297,7 @@ KIND_SPEC = register(
     JobKind(
         name=KIND,
         spec_type=ConvertSpec,
-        identity=lambda spec: sources.source_identity(spec.source),
+        identity=source_identity,
         inspect=inspect_source,
         phases=(RESHARD, VERIFY, ENGINES),
         published=_published,

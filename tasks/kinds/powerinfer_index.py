@@ -20,23 +20,12 @@ import json
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from config.settings import Settings
+from converters.choices import POWERINFER_BATCH
 from converters.errors import ConversionError
-from converters.powerinfer.activations import load_layer, order_activation_names
 from converters.powerinfer.errors import BadActivationShape
-from converters.powerinfer.gpuindex import write_gpu_index
-from converters.powerinfer.select import top_k
-from converters.powerinfer.solver import (
-    DEFAULT_BATCH,
-    capacity_from_vram,
-    given_split_groups,
-    group_values,
-    solve_groups,
-)
 from tasks.jobs.checks import InvalidSpec, check_fields, check_int, check_location
 from tasks.jobs.ids import identity_digest, job_id, output_tag
 from tasks.jobs.outputs import put_bytes
@@ -44,6 +33,12 @@ from tasks.kinds import register
 from tasks.kinds.base import JobKind, KindCli, Phase, Step, StepContext, local_location
 from tasks.storage.cache import CachedFetcher
 from tasks.storage.store import open_store
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy, torch (activation files) and numba (the solver) are imported by the steps that use them:
+# the command line and the job service load this module to check specs and show records.
 
 KIND = "powerinfer-index"
 
@@ -80,7 +75,7 @@ class IndexSpec:
     activations: str
     output: str  # the index file (one budget) or a directory (several budgets)
     budgets: tuple[IndexBudget, ...]
-    batch: int = DEFAULT_BATCH
+    batch: int = POWERINFER_BATCH
     threshold: int = 0
     kind: str = field(default="powerinfer-index")
 
@@ -127,6 +122,8 @@ def work_key(job: str, budget: int, layer: int) -> str:
 
 def activation_identity(uri: str) -> list[list]:
     """[[key, size, version]] of the `activation_<i>.pt` files at `uri`, in layer order."""
+    from converters.powerinfer.activations import order_activation_names
+
     store = open_store(uri)
     keys = order_activation_names([k for k in store.list() if "/" not in k], store.uri())
     identity = []
@@ -157,6 +154,8 @@ def inspect_activations(spec: IndexSpec) -> dict[str, Any]:
 
 def _load(spec: IndexSpec, key: str) -> np.ndarray:
     """One layer's activations, fetched into the local cache (by ETag) and validated."""
+    from converters.powerinfer.activations import load_layer
+
     store = open_store(spec.activations)
     art = store.stat(key)
     if art is not None and art.bytes > MAX_ACTIVATION_BYTES:  # refuse before downloading it
@@ -175,6 +174,8 @@ def _load(spec: IndexSpec, key: str) -> np.ndarray:
 
 def layer_stats_step(spec: IndexSpec, layer: int, key: str) -> dict[str, Any]:
     """Layer `layer`'s group values: sums of `batch` neurons of its descending-sorted activations."""
+    from converters.powerinfer.solver import group_values
+
     values = _load(spec, key)
     groups = group_values(values[None, :], spec.batch)[0]
     return {"layer": layer, "n_ff": int(values.shape[0]), "groups": groups.tolist()}
@@ -182,6 +183,10 @@ def layer_stats_step(spec: IndexSpec, layer: int, key: str) -> dict[str, Any]:
 
 def solve_step(spec: IndexSpec, inspected: dict, stats: list[dict[str, Any]]) -> list[dict]:
     """Per budget: the per-layer GPU neuron counts (exact solver, or the given counts)."""
+    import numpy as np
+
+    from converters.powerinfer.solver import given_split_groups, solve_groups
+
     n_ff = stats[0]["n_ff"]
     for layer, entry in enumerate(stats):
         if entry["n_ff"] != n_ff:
@@ -219,6 +224,10 @@ def top_k_step(
     spec: IndexSpec, job: str, tag: str, layer: int, key: str, counts: list[int]
 ) -> dict[str, Any]:
     """Layer `layer`'s hottest neurons for each budget (`counts[b]` of them), as `.npy` artifacts."""
+    import numpy as np
+
+    from converters.powerinfer.select import top_k
+
     values = _load(spec, key)
     out = open_store(spec.output)
     for budget, count in enumerate(counts):
@@ -233,6 +242,10 @@ def assemble_step(
     spec: IndexSpec, job: str, tag: str, inspected: dict, splits: list[dict]
 ) -> list[dict[str, Any]]:
     """One GPU index (PWRI GGUF) per budget from the per-layer indices, with its provenance."""
+    import numpy as np
+
+    from converters.powerinfer.gpuindex import write_gpu_index  # gguf: only where it writes
+
     out = open_store(spec.output)
     layers, files = len(inspected["layers"]), []
     with tempfile.TemporaryDirectory(prefix="porter-assemble-") as tmp:
@@ -342,6 +355,8 @@ def _index_budgets(args: argparse.Namespace) -> tuple:
         )
     budgets = []
     for vram, budget in zip(capacities, values, strict=True):
+        from converters.powerinfer.solver import capacity_from_vram
+
         capacity = capacity_from_vram(
             budget, n_embd=args.n_embd, bytes_per_weight=args.weight_bytes, gated=args.gated
         )

@@ -1,0 +1,115 @@
+"""The command line loads only what a command uses: `porter --help`, `status` and `jobs` (and the
+job service behind `--wait`) import neither torch, numba, numpy, Celery nor megatron-core, so
+they answer in a fraction of a second. Checked in a fresh interpreter through `sys.modules` (a
+correctness check of what is imported, not a timing). And `--wait` hears at once that a job
+ended: the end is published by whatever writes it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from tasks.jobs import service
+from tasks.jobs.records import JobRecords
+
+HEAVY = ("torch", "numba", "numpy", "celery", "megatron", "gguf", "safetensors", "transformers")
+
+# Runs `porter ARGS` in this interpreter, then prints which heavy packages it loaded.
+_RUN = """
+import json, sys
+from tasks.cli.main import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted({name.split(".")[0] for name in sys.modules} & set(HEAVY))
+print(json.dumps({"code": code, "heavy": heavy}))
+"""
+
+
+def _porter(args: list[str], env: dict[str, str] | None = None) -> dict:
+    """`porter ARGS` in a fresh interpreter: its exit code and the heavy packages it imported."""
+    code = f"HEAVY = {HEAVY!r}\n{_RUN}"
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert out.stdout.strip(), out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_help_and_every_kind_parser_import_nothing_heavy():
+    assert _porter(["--help"]) == {"code": 0, "heavy": []}
+    for kind in ("megatron-trtllm", "megatron-hf", "powerinfer-index"):
+        assert _porter(["submit", kind, "--help"]) == {"code": 0, "heavy": []}
+
+
+@pytest.fixture
+def job_env(redis_url, monkeypatch):
+    import os
+
+    monkeypatch.setenv("PORTER_REDIS_URL", redis_url)
+    return dict(os.environ, PORTER_REDIS_URL=redis_url)
+
+
+@pytest.mark.parametrize("kind", ["megatron-trtllm", "megatron-hf", "powerinfer-index"])
+def test_status_and_jobs_import_nothing_heavy(redis_url, job_env, kind):
+    records = JobRecords(redis_url, ttl=60)
+    job = f"{kind}-{uuid.uuid4().hex[:16]}"
+    spec = {"source": "/ckpt", "output": "/out", "tp": 2, "pp": 1}
+    spec |= {"activations": "/act", "budgets": [{"vram_capacity": 1 << 30}]}
+    records.create(job, kind, spec, output="/out")
+    records.finish(job, "FAILED", "reshard:0: boom")
+    assert _porter(["status", job], job_env) == {"code": 0, "heavy": []}
+    assert _porter(["jobs", "--limit", "5"], job_env) == {"code": 0, "heavy": []}
+
+
+def _wait_in_thread(records: JobRecords, job: str) -> tuple[threading.Thread, dict]:
+    seen: dict = {}
+
+    def run() -> None:
+        seen["record"] = service.wait(records, job, poll=600)  # a poll would take 10 minutes
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, seen
+
+
+@pytest.mark.parametrize("end", ["finish", "cancel"])
+def test_wait_hears_the_end_at_once(redis_url, end):
+    """`service.wait` (behind `--wait`) returns when the job ends, not at its next poll: with
+    a 10-minute poll it still returns within seconds of `finish` / `force_state`."""
+    records = JobRecords(redis_url, ttl=60)
+    job = f"megatron-trtllm-{uuid.uuid4().hex[:16]}"
+    records.create(job, "megatron-trtllm", {"source": "/c", "output": "/o", "tp": 2})
+    records.start(job)
+    thread, seen = _wait_in_thread(records, job)
+    time.sleep(0.5)  # the waiter has read the record (RUNNING) and waits on the message
+    assert thread.is_alive()
+    if end == "finish":
+        assert records.finish(job, "SUCCEEDED")
+    else:
+        records.force_state(job, "CANCELLED", "cancelled by request")
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "wait did not hear that the job ended"
+    assert seen["record"]["state"] == ("SUCCEEDED" if end == "finish" else "CANCELLED")
+
+
+def test_wait_returns_for_a_job_that_already_ended(redis_url):
+    records = JobRecords(redis_url, ttl=60)
+    job = f"megatron-trtllm-{uuid.uuid4().hex[:16]}"
+    records.create(job, "megatron-trtllm", {"source": "/c", "output": "/o", "tp": 2})
+    records.finish(job, "FAILED", "plan: boom")
+    thread, seen = _wait_in_thread(records, job)
+    thread.join(timeout=30)
+    assert seen["record"]["state"] == "FAILED"

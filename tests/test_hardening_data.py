@@ -236,13 +236,23 @@ def test_output_written_by_a_running_job_is_refused_naming_it(cluster, megatron,
     assert held.list() == ["rank1.safetensors"]
     assert held.stat("rank1.safetensors").tag == output_tag(OTHER_JOB, "0" * 16)
 
-    # before it wrote anything: its plan holds OUTPUT, and the later job is refused all the same
+    # before it wrote anything: its plan holds OUTPUT; a later submit is refused at once, and a
+    # job that got past that check (queued at the same moment) is refused by its plan
     empty = tmp_path / "empty"
     holder = OTHER_JOB.replace("ab", "cd")
     records.create(holder, "megatron-trtllm", spec.to_dict(), output=str(empty))
     records.start(holder)
     assert records.claim_output(holder, str(empty)) is None
-    second = _submit(cluster, source, empty, "--tp", "1")
+    count = len(records.job_ids(10_000))
+    refused = cluster.porter("submit", "megatron-trtllm", str(source), str(empty), "--tp", "1")
+    assert refused.returncode == 1 and f"being written by job {holder}" in refused.stderr
+    assert len(records.job_ids(10_000)) == count
+    second = "megatron-trtllm-" + "34" * 8
+    records.create(second, "megatron-trtllm", {**spec.to_dict(), "output": str(empty), "tp": 1},
+                   output=str(empty))  # fmt: skip
+    _client(cluster).send_task(
+        "porter.plan", args=[second], task_id=f"{second}:plan:1", queue="cpu"
+    )
     record = wait_state(records, second, ("FAILED", "SUCCEEDED"))
     assert record["state"] == "FAILED" and holder in record["error"], record
     assert not empty.exists() or not list(empty.iterdir())

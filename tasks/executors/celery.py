@@ -35,8 +35,23 @@ from config.settings import Settings
 from converters.errors import ConversionError
 from tasks.executors.celery_notify import send_notifications
 from tasks.jobs.ids import output_tag, task_id
-from tasks.jobs.outputs import manifest_uri, prepare_output, publish_step, remove_outputs
-from tasks.jobs.records import CANCELLED, FAILED, RUNNING, SUCCEEDED, TERMINAL, JobRecords
+from tasks.jobs.outputs import (
+    check_writable,
+    manifest_uri,
+    output_held,
+    prepare_output,
+    publish_step,
+    remove_outputs,
+)
+from tasks.jobs.records import (
+    ACTIVE,
+    CANCELLED,
+    FAILED,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    JobRecords,
+)
 from tasks.kinds import all_kinds, kind_named
 from tasks.kinds.base import JobKind, Phase, Progress, StepContext
 from tasks.ops import metrics
@@ -105,13 +120,19 @@ def job_ended(job: str, state: str) -> None:
         log.exception("%s: could not count it or queue its notifications", job)
 
 
-def run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run one step of `job` with its bookkeeping; returns the step's result."""
+def run_step(
+    job: str, step: str, work: Callable[[], dict[str, Any]], *, planned: bool = True
+) -> dict[str, Any]:
+    """Run one step of `job` with its bookkeeping; returns the step's result. Every step but
+    the plan (`planned=False`) runs only for a job that was planned and is RUNNING, and never
+    writes into an OUTPUT another job committed (`_check_planned`, `_check_output`)."""
     rec = records()
     state = rec.state(job)
     if state is None or state in TERMINAL:
         log.info("%s: job is %s; %s skipped", job, state, step)
         raise Ignore()
+    if planned:
+        _check_planned(rec, job, step)
     deliveries = rec.count_delivery(job, step)
     if deliveries > 1:
         metrics.count_redelivery(step)
@@ -131,6 +152,9 @@ def run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[st
     try:
         rec.step(job, step, state=RUNNING, started=started, heartbeat=started, worker=worker,
                  node=node, task_id=task, error="")  # fmt: skip
+        if planned and _check_output(rec, job, step):
+            rec.step(job, step, state=SUCCEEDED, finished=time.time(), skipped="committed")
+            raise Ignore()  # this job committed OUTPUT already: nothing may be written there
         with _Heartbeat(job, step):
             result = work()
         finished = time.time()
@@ -141,6 +165,8 @@ def run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[st
     except JobCancelled:
         rec.step(job, step, quiet=True, state=CANCELLED, finished=time.time())
         raise Ignore() from None
+    except Ignore:
+        raise
     except Exception as exc:
         message = _message(exc)
         try:  # (retried through a Redis restart; if Redis stays away, the original error wins)
@@ -158,6 +184,37 @@ def run_step(job: str, step: str, work: Callable[[], dict[str, Any]]) -> dict[st
         remove_outputs(_spec(rec.get(job, steps=False)), job)
         raise Ignore()
     return result
+
+
+def _check_planned(rec: JobRecords, job: str, step: str) -> None:
+    """A step (but the plan) runs only if the job's record says it is RUNNING and was planned in
+    this attempt; otherwise (a message sent straight to the broker, or left from an earlier
+    attempt) it is refused, noted in the step's record, and the job is left as it is."""
+    record = rec.get(job, steps=False) or {}
+    inspected = record.get("inspected") or {}
+    attempt = record.get("attempt")
+    planned = inspected.get("job_id") == job and record.get("planned", attempt) == attempt
+    if record.get("state") == RUNNING and planned:
+        return
+    message = f"refused: the job is {record.get('state')}" + ("" if planned else ", not planned")
+    log.warning("%s: %s %s", job, step, message)
+    rec.step(job, step, quiet=True, refused=message)
+    raise Ignore()
+
+
+def _check_output(rec: JobRecords, job: str, step: str) -> bool:
+    """Before a step writes: an error if another job committed OUTPUT (`manifest.json`); True
+    if this job did (only publish may go on: it answers with the manifest)."""
+    record = rec.get(job, steps=False)
+    if record is None:
+        raise Ignore()
+    return check_writable(_spec(record), job) is not None and step != "publish"
+
+
+def _busy(job: str) -> str | None:
+    """The state of `job` while it has not ended (PENDING or RUNNING), else None."""
+    state = records().state(job)
+    return state if state in ACTIVE else None
 
 
 def _progress(job: str, step: str) -> Progress:
@@ -236,13 +293,21 @@ def plan(job: str) -> dict[str, Any]:
         # a bad one). The source may have changed since submission (e.g. fixed before a retry):
         # the job keeps its id, and its artifacts are tagged with the version actually read.
         spec = _spec(record)
+        held = records().claim_output(job, spec.output)
+        if held is not None:  # another job that has not ended writes there: leave it be
+            raise output_held(*held, spec.output)
         inspected = kind.inspect(spec)
         inspected["job_id"], inspected["tag"] = job, output_tag(job, inspected["source_digest"])
-        manifest = prepare_output(spec, job)
-        records().update(job, inspected=inspected, source_digest=inspected["source_digest"])
+        manifest = prepare_output(spec, job, busy=_busy)
+        records().update(
+            job,
+            inspected=inspected,
+            source_digest=inspected["source_digest"],
+            planned=int(record["attempt"]),
+        )
         return {"committed": manifest is not None, "manifest_uri": manifest_uri(spec)}
 
-    result = run_step(job, "inspect", work)
+    result = run_step(job, "inspect", work, planned=False)
     if result["committed"]:  # converted before (same id): nothing to do
         records().update(job, manifest_uri=result["manifest_uri"])
         if records().finish(job, SUCCEEDED):

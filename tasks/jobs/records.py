@@ -7,6 +7,8 @@ Keys (prefix `porter:`):
 - `job:{id}:step:{name}` (hash): state, done, total, started, finished, seconds, deliveries,
   worker, error and the step's result fields (bytes_read, bytes_written, sha256, ...).
 - `jobs` (sorted set): job ids by creation time; `running` (set): jobs in RUNNING, for the reaper.
+- `output:{sha256 of OUTPUT}` (string): the job holding OUTPUT, taken by its plan step
+  (`claim_output`); another job's plan is refused while the holder has not ended.
 - `job:{id}:ended` (pub/sub channel): a message when the job ends, for `--wait` (`watch_end`).
 - A running step's hash also holds `heartbeat` (unix s, refreshed every few seconds) and `node`
   (the Celery worker running it), which the reaper uses to find steps whose worker died.
@@ -18,6 +20,7 @@ step that is otherwise fine (pipeline spec).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -38,6 +41,7 @@ PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "CANCELLED",
 )
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+ACTIVE = (PENDING, RUNNING)  # not ended yet
 _PREFIX = "porter:"
 
 # Set state to ARGV[1] (with error ARGV[2], finished ARGV[3]) only while the job is not terminal:
@@ -49,6 +53,25 @@ if not state or state == 'SUCCEEDED' or state == 'FAILED' or state == 'CANCELLED
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'error', ARGV[2], 'finished', ARGV[3])
 return 1
+"""
+
+
+# Hold OUTPUT (KEYS[1]) for job ARGV[1] unless another job that has not ended holds it: returns
+# {holder, state} then, nothing when ARGV[1] now holds it (ARGV[2]: job key prefix, ARGV[3]: TTL).
+_CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then
+  local state = redis.call('HGET', ARGV[2] .. holder, 'state')
+  if state == 'PENDING' or state == 'RUNNING' then
+    return {holder, state}
+  end
+end
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return false
 """
 
 
@@ -87,6 +110,7 @@ class JobRecords:
         )
         self.ttl = ttl
         self._finish = self.redis.register_script(_FINISH)
+        self._claim = self.redis.register_script(_CLAIM)
 
     @staticmethod
     def _job(job: str) -> str:
@@ -226,6 +250,23 @@ class JobRecords:
             for key in keys:
                 pipe.expire(key, self.ttl)
             pipe.execute()
+
+    def claim_output(self, job: str, output: str) -> tuple[str, str] | None:
+        """Make `job` the holder of `output` unless another job that has not ended (PENDING or
+        RUNNING) holds it: then (that job, its state), and nothing changes."""
+        held = self._claim(keys=[self._output(output)], args=[job, f"{_PREFIX}job:", self.ttl or 0])
+        return (held[0], held[1]) if held else None
+
+    @staticmethod
+    def _output(output: str) -> str:
+        return f"{_PREFIX}output:{hashlib.sha256(output.rstrip('/').encode()).hexdigest()}"
+
+    def output_holder(self, job: str, output: str) -> tuple[str, str] | None:
+        """(job, state) of another job holding `output` that has not ended, else None (a
+        read-only look; `claim_output` decides)."""
+        holder = self.redis.get(self._output(output))
+        state = self.state(holder) if holder and holder != job else None
+        return (holder, state) if holder and state in ACTIVE else None
 
     def mark_once(self, job: str, name: str) -> bool:
         """Set the flag `name` on the job; True only for the first caller."""

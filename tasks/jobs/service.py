@@ -16,7 +16,7 @@ from config.settings import Settings
 from converters.errors import ConversionError
 from tasks.jobs.checks import show
 from tasks.jobs.ids import is_job_id, job_id, task_id
-from tasks.jobs.outputs import remove_outputs
+from tasks.jobs.outputs import output_held, remove_outputs
 from tasks.jobs.records import CANCELLED, FAILED, PENDING, SUCCEEDED, TERMINAL, JobRecords
 from tasks.jobs.specs import JobSpec, parse_spec
 from tasks.kinds import kind_named, kind_of
@@ -74,6 +74,10 @@ def submit_many(
     every id computed before the first job is created, so a bad entry submits none.
     Returns (job id, created) per spec, in order."""
     jobs = [job_id(spec, _identity(spec)) for spec, _ in specs]
+    for job, (spec, _) in zip(jobs, specs, strict=True):  # (the plan step checks it again)
+        held = records.output_holder(job, spec.output)
+        if held is not None:
+            raise output_held(*held, spec.output)
     results = []
     for job, (spec, labels) in zip(jobs, specs, strict=True):
         created = records.create(job, spec.kind, spec.to_dict(), output=spec.output, **labels)

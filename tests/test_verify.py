@@ -74,7 +74,11 @@ def edit_config(directory: Path, change) -> None:
 # ── the reference layers are right ────────────────────────────────────────────────────────────
 
 
-@pytest.mark.parametrize("fixture", ["llama", "gpt", "llama31", "qwen2", "qwen3", "llama_te_bf16"])
+DENSE = ["llama", "gpt", "llama31", "qwen2", "qwen3", "llama_te_bf16", "qwen3_1p", "starcoder"]
+MOE = ["mixtral", "mixtral_presoftmax", "mixtral_legacy_grouped", "qwen3_moe", "moe_mixed_shared"]
+
+
+@pytest.mark.parametrize("fixture", DENSE + MOE)
 def test_reference_layers_reproduce_megatron_logits(megatron, fixture):
     """The source side alone, run forward, gives megatron-core's own logits in every layout:
     the reference the exports are judged by is Megatron's arithmetic."""
@@ -151,6 +155,24 @@ def test_hf_variants_verify_clean(export, fixture, options):
     assert report.ok, report.failure()
     if options:
         assert report.stages[-1].parts[-1].part == "logits" and max(report.tokens) < 90
+
+
+MOE_HF = [
+    ("mixtral", Layout("legacy", 2, 1, 2)),
+    ("mixtral", Layout("legacy", 1, 2)),
+    ("mixtral", Layout("torch_dist", 2, 1, 2)),
+    ("mixtral_te_grouped", Layout("legacy", 2, 1, 2)),
+    ("mixtral_legacy_grouped", Layout("legacy", 2, 1, 2)),
+    ("qwen3_moe", Layout("legacy", 2, 1, 2)),
+]
+
+
+@pytest.mark.parametrize("fixture, layout", MOE_HF, ids=lambda v: getattr(v, "dirname", v))
+def test_hf_moe_exports_verify_clean(export, fixture, layout):
+    source, out = export(fixture, layout, "hf")
+    report = run(source, out)
+    assert report.ok, report.failure()
+    assert max(s.relative for s in report.stages) < 1e-5
 
 
 # ── seeded defects are caught and located ─────────────────────────────────────────────────────
@@ -256,6 +278,36 @@ def test_a_tensor_the_model_does_not_use_fails(export, tmp_path):
     report = run(source, bad)
     assert all(s.ok for s in report.stages) and not report.ok
     assert report.failure() == "the export holds tensors the model does not use: extra"
+
+
+def test_zeroed_expert(export, tmp_path):
+    source, out = export("mixtral", Layout("legacy", 2, 1, 2), "hf")
+    bad = copy(out, tmp_path)
+    name = "model.layers.1.block_sparse_moe.experts.2.w2.weight"
+    edit_tensors(bad / "model.safetensors", lambda t: t[name].zero_())
+    failure = run(source, bad).failure()
+    assert failure.startswith("layer 1 (model.layers.1): MLP, expert 2 differs")
+    assert "first differing: expert 2" in failure
+    assert "model.layers.1.block_sparse_moe.experts.2" in failure
+
+
+def test_an_expert_no_token_picks_is_still_compared(export, tmp_path):
+    """Every expert runs on every token: one the router never picks for these tokens cannot move
+    the layer's output, yet a wrong copy of it is found."""
+    source, out = export("mixtral", Layout("legacy", 2, 1, 2), "hf")
+    bad = copy(out, tmp_path)
+    name = "model.layers.0.block_sparse_moe.experts.{}.w1.weight"
+    report = run(source, out, tokens=1)
+    side = MegatronSide(open_checkpoint(source))
+    with torch.no_grad():
+        x = side.embed(torch.tensor(report.tokens)).output
+        h = x + side.attention(0, x).output
+        logits = side.mlp(0, h).trace["router"].value[0]
+    unpicked = int(logits.argsort()[0])  # the lowest logit: not in the top 2
+    edit_tensors(bad / "model.safetensors", lambda t: t[name.format(unpicked)].mul_(-1))
+    broken = run(source, bad, tokens=1)
+    assert broken.stages[1].parts[1].part == f"MLP, expert {unpicked}"
+    assert not broken.ok
 
 
 # ── bad input ─────────────────────────────────────────────────────────────────────────────────

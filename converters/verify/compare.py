@@ -68,21 +68,28 @@ def _rank_of(e: Trace, s: torch.Tensor) -> str:
     return f", worst on tp rank {index * e.pieces // delta.shape[axis]}"
 
 
+def _must_match(key: str) -> bool:
+    """Intermediates judged on their own: the router and every expert, whatever the routing
+    (an expert no token picks cannot move the output, but it is wrong all the same)."""
+    return key == "router" or key.startswith(("expert", "shared"))
+
+
 def compare_part(name: str, export: Part, source: Part, tolerance: float) -> PartResult:
-    """Compare a part's output; on failure name the first of its intermediates (in the order
-    they were computed) that differs beyond the tolerance, and where it came from."""
+    """Compare a part's output (and its router and experts); on failure name the first of its
+    intermediates (in the order they were computed) that differs beyond the tolerance, and where
+    it came from. A part whose first difference is an expert is named after it."""
     d = diff(export.output, source.output)
     ok = d.relative <= tolerance
     first_bad = None
-    if not ok:
-        for key, s in source.trace.items():
-            e = export.trace.get(key)
-            if e is None:
-                continue
-            t = diff(e.value, s.value)
-            if t.relative > tolerance:
-                first_bad = (
-                    f"{key} (relative {t.relative:.3g}; from {e.origin}{_rank_of(e, s.value)})"
-                )
-                break
+    for key, s in source.trace.items():
+        e = export.trace.get(key)
+        if e is None or (ok and not _must_match(key)):
+            continue
+        t = diff(e.value, s.value)
+        if t.relative > tolerance:
+            ok = False
+            first_bad = f"{key} (relative {t.relative:.3g}; from {e.origin}{_rank_of(e, s.value)})"
+            if key.startswith("expert"):
+                name = f"{name}, {key}"
+            break
     return PartResult(name, d.max_abs, d.relative, ok, first_bad, export.origin or None)

@@ -12,10 +12,16 @@ import torch
 
 from converters.verify import layers
 from converters.verify.files import BadExport, TensorFiles
-from converters.verify.model_math import ModelMath, RopeScaling
+from converters.verify.model_math import ModelMath, Moe, RopeScaling
 from converters.verify.side import LOGIT_ROWS, Part, Side, Trace, rotary
 
-MODEL_TYPES = ("llama", "qwen2", "qwen3")
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+# Where a mixture-of-experts model keeps its block (under `model.layers.{i}.`), router and
+# experts' gate / up / down projections.
+MOE_NAMES = {
+    "mixtral": ("block_sparse_moe", "gate", "w1", "w3", "w2"),
+    "qwen3_moe": ("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
+}
 INDEX = "model.safetensors.index.json"
 _ACTS = {"silu": "silu", "gelu": "gelu", "relu": "relu"}
 
@@ -43,6 +49,28 @@ def _rope(cfg: dict[str, Any], path: Path) -> tuple[float, RopeScaling | None]:
     )
 
 
+def _moe(cfg: dict[str, Any], path: Path) -> Moe | None:
+    """Mixtral (every layer, top-k renormalised) or Qwen3-MoE (`norm_topk_prob`, dense
+    `mlp_only_layers`, `decoder_sparse_step`) experts; None for a dense model."""
+    model_type = cfg["model_type"]
+    if model_type not in MOE_NAMES:
+        return None
+    layers = int(_need(cfg, "num_hidden_layers", path))
+    if model_type == "mixtral":
+        experts, ffn = int(_need(cfg, "num_local_experts", path)), int(cfg["intermediate_size"])
+        return Moe(experts, int(_need(cfg, "num_experts_per_tok", path)), ffn, pre_softmax=False)
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    only_mlp = set(cfg.get("mlp_only_layers") or [])
+    dense = tuple(i for i in range(layers) if i in only_mlp or (i + 1) % step)
+    return Moe(
+        experts=int(_need(cfg, "num_experts", path)),
+        top_k=int(_need(cfg, "num_experts_per_tok", path)),
+        ffn=int(_need(cfg, "moe_intermediate_size", path)),
+        pre_softmax=not cfg.get("norm_topk_prob", False),
+        dense_layers=dense,
+    )
+
+
 def hf_math(cfg: dict[str, Any], path: Path) -> ModelMath:
     """What a Hugging Face `config.json` of a Llama-style model says it computes."""
     model_type = _need(cfg, "model_type", path)
@@ -59,13 +87,14 @@ def hf_math(cfg: dict[str, Any], path: Path) -> ModelMath:
         raise BadExport(f"hidden_act {act!r} is not verified", path)
     theta, scaling = _rope(cfg, path)
     head_dim = int(cfg.get("head_dim") or hidden // heads)
+    moe = _moe(cfg, path)
     return ModelMath(
         layers=int(_need(cfg, "num_hidden_layers", path)),
         hidden=hidden,
         heads=heads,
         groups=int(cfg.get("num_key_value_heads") or heads),
         head_dim=head_dim,
-        ffn=int(_need(cfg, "intermediate_size", path)),
+        ffn=0 if moe and not moe.dense_layers else int(_need(cfg, "intermediate_size", path)),
         vocab=int(_need(cfg, "vocab_size", path)),
         norm="RMSNorm",
         eps=float(cfg.get("rms_norm_eps", 1e-6)),
@@ -76,7 +105,8 @@ def hf_math(cfg: dict[str, Any], path: Path) -> ModelMath:
         rope_base=theta,
         rope_dim=int(head_dim * float(cfg.get("partial_rotary_factor", 1.0))),
         rope_scaling=scaling,
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        moe=moe,
     )
 
 
@@ -177,6 +207,8 @@ class HfSide(Side):
         return Part(out if bias is None else out + bias, trace, f"{p}.self_attn.o_proj.weight")
 
     def mlp(self, layer: int, h: torch.Tensor) -> Part:
+        if self.math.is_moe_layer(layer):
+            return self._moe(layer, h)
         m, p = self.math, f"model.layers.{layer}"
 
         def get(key: str) -> torch.Tensor | None:
@@ -199,6 +231,38 @@ class HfSide(Side):
         out = layers.mlp(get, h, m, record)
         bias = self._get(f"{p}.mlp.down_proj.bias", self.mlp_bias, (m.hidden,))
         return Part(out if bias is None else out + bias, trace, f"{p}.mlp.down_proj.weight")
+
+    def _moe(self, layer: int, h: torch.Tensor) -> Part:
+        m, p = self.math, f"model.layers.{layer}"
+        assert m.moe is not None
+        block, router, *projections = MOE_NAMES[self.cfg["model_type"]]
+        stored = dict(zip(("gate", "up", "down"), projections, strict=True))
+        ffn, experts = m.moe.ffn, f"{p}.{block}.experts"
+
+        def get(key: str) -> torch.Tensor | None:
+            which, _, rest = key.partition(".")
+            if which == "norm":
+                return self._get(
+                    f"{p}.post_attention_layernorm.{rest}", rest == "weight", (m.hidden,)
+                )
+            if which == "router":
+                name = f"{p}.{block}.{router}.{rest}"
+                return self._get(name, rest == "weight", (m.moe.experts, m.hidden))
+            if which == "experts":
+                e, _, inner = rest.partition(".")
+                proj, _, kind = inner.partition(".")
+                shape = (m.hidden, ffn) if proj == "down" else (ffn, m.hidden)
+                return self._get(f"{experts}.{e}.{stored[proj]}.{kind}", kind == "weight", shape)
+            raise KeyError(key)
+
+        trace: dict[str, Trace] = {}
+
+        def record(name: str, value: torch.Tensor) -> None:
+            where = f"{p}.{block}.{router}" if name == "router" else f"{experts}.{name[7:]}"
+            trace[name] = Trace(value, where)
+
+        out = layers.moe(get, h, m, record)
+        return Part(out, trace, f"{experts}.*.{stored['down']}.weight")
 
     def head(self, x: torch.Tensor) -> Part:
         m = self.math

@@ -149,6 +149,28 @@ def feed_forward(
     return linear(y, get(prefix + "down.weight"))
 
 
+def moe(get: Get, h: torch.Tensor, m: ModelMath, record: Record = _no_record) -> torch.Tensor:
+    """A mixture-of-experts MLP part: norm, router, every expert on every token (so an expert no
+    token picks is still compared), the top-k weighted sum, and the shared experts if any."""
+    assert m.moe is not None
+    normed = normalize(h, get("norm.weight"), get("norm.bias"), m)
+    logits = linear(normed, get("router.weight"), get("router.bias"))
+    record("router", logits)
+    weights = route(logits, m)
+    out = torch.zeros_like(h)
+    for e in range(m.moe.experts):
+        y = feed_forward(get, normed, m, prefix=f"experts.{e}.")
+        record(f"expert {e}", y)
+        out += weights[:, e : e + 1] * y
+    if m.moe.shared_ffn:
+        shared = feed_forward(get, normed, m, prefix="shared.")
+        if m.moe.shared_gate:
+            shared = torch.sigmoid(linear(normed, get("shared_gate.weight"))) * shared
+        record("shared experts", shared)
+        out += shared
+    return out
+
+
 def route(logits: torch.Tensor, m: ModelMath) -> torch.Tensor:
     """[seq, experts] routing weights: zero except the top-k experts of each token."""
     assert m.moe is not None

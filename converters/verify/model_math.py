@@ -42,6 +42,9 @@ class Moe:
     top_k: int
     ffn: int
     pre_softmax: bool
+    dense_layers: tuple[int, ...] = ()  # layers with a plain MLP (of the model's `ffn`)
+    shared_ffn: int = 0  # shared experts' rows together (0: none), always applied
+    shared_gate: bool = False  # a sigmoid gate on the shared experts' output
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class ModelMath:
     def q_per_kv(self) -> int:
         return self.heads // self.groups
 
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer not in self.moe.dense_layers
+
 
 # Fields that decide tensor shapes: a difference means another model, refused before any compute.
 SHAPE_FIELDS = ("layers", "hidden", "heads", "groups", "head_dim", "ffn", "learned_positions")
@@ -90,7 +96,7 @@ def check_same_model(source: ModelMath, export: ModelMath, where: str) -> None:
         what = "mixture-of-experts" if source.moe else "dense"
         diffs.append(f"the source is {what}, the export is not")
     elif source.moe and export.moe:
-        for name in ("experts", "top_k", "ffn"):
+        for name in ("experts", "top_k", "ffn", "dense_layers", "shared_ffn"):
             a, b = getattr(export.moe, name), getattr(source.moe, name)
             if a != b:
                 diffs.append(f"MoE {name} {a} in the export, {b} in the source")

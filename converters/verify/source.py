@@ -8,17 +8,50 @@ from __future__ import annotations
 
 import torch
 
+from converters.errors import UnsupportedModel
+from converters.megatron import names
 from converters.megatron.layout import SourceCheckpoint
 from converters.model import ModelConfig
 from converters.verify import layers
-from converters.verify.model_math import ModelMath, RopeScaling
+from converters.verify.model_math import ModelMath, Moe, RopeScaling
 from converters.verify.side import LOGIT_ROWS, Part, Side, Trace
 
 _ROPE_CONSTANTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
 
 
+def _moe(cfg: ModelConfig) -> Moe | None:
+    """The routed experts of `cfg` (None: dense), refusing routing the reference does not compute."""
+    if not cfg.is_moe:
+        return None
+    refused = [
+        what
+        for what, present in (
+            (
+                f"{cfg.moe_router_score_function} router scores",
+                cfg.moe_router_score_function != "softmax",
+            ),
+            ("a router expert bias", cfg.moe_router_enable_expert_bias),
+            ("top-k scaling", cfg.moe_router_topk_scaling_factor not in (None, 1, 1.0)),
+            ("group-limited routing", bool(cfg.moe_router_num_groups)),
+        )
+        if present
+    ]
+    if refused:
+        raise UnsupportedModel(f"porter verify does not compute {', '.join(refused)} yet")
+    return Moe(
+        experts=cfg.num_experts,
+        top_k=cfg.moe_router_topk,
+        ffn=cfg.expert_ffn_hidden_size,
+        pre_softmax=cfg.moe_router_pre_softmax,
+        dense_layers=tuple(i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)),
+        shared_ffn=cfg.moe_shared_expert_intermediate_size or 0,
+        shared_gate=cfg.moe_shared_expert_gate,
+    )
+
+
 def source_math(cfg: ModelConfig) -> ModelMath:
     """What a Megatron model with `args` → `cfg` computes."""
+    moe = _moe(cfg)
     rope = cfg.position_embedding_type == "rope"
     scaling = None
     if rope and cfg.rope_scaling_factor is not None:
@@ -29,7 +62,9 @@ def source_math(cfg: ModelConfig) -> ModelMath:
         heads=cfg.num_attention_heads,
         groups=cfg.num_query_groups,
         head_dim=cfg.kv_channels,
-        ffn=cfg.ffn_hidden_size,
+        # a model whose every layer has experts has no plain MLP (an HF Mixtral's
+        # intermediate_size is its experts')
+        ffn=0 if moe and not moe.dense_layers else cfg.ffn_hidden_size,
         vocab=cfg.vocab_size,
         norm=cfg.normalization,
         eps=cfg.norm_epsilon,
@@ -41,6 +76,7 @@ def source_math(cfg: ModelConfig) -> ModelMath:
         rope_dim=int(cfg.kv_channels * cfg.rotary_percent) if rope else 0,
         rope_scaling=scaling,
         qk_norm=cfg.qk_layernorm,
+        moe=moe,
     )
 
 
@@ -120,33 +156,54 @@ class MegatronSide(Side):
         bias = self._read(f"{p}.self_attention.linear_proj.bias")
         return Part(out if bias is None else out + bias, trace)
 
+    def _fc1_half(self, name: str, half: int) -> torch.Tensor | None:
+        """The gate (0) or up (1) half of a `[gate; up]` fc1 weight or bias."""
+        if not self.source.has(name):
+            return None
+        fc1 = self.source.tensor(name)
+        rows = fc1.shape[0] // 2
+        return fc1.narrow(0, half * rows, rows).materialize().float()
+
+    def _feed_forward(self, key: str, fc1: str, fc2: str) -> torch.Tensor | None:
+        """gate / up / fc / down of an MLP stored as `fc1` ([gate; up] when gated) and `fc2`."""
+        which, _, kind = key.partition(".")
+        if which in ("gate", "up"):
+            return self._fc1_half(f"{fc1}.{kind}", 0 if which == "gate" else 1)
+        if which == "fc":
+            return self._read(f"{fc1}.{kind}")
+        if which == "down" and kind == "weight":
+            return self._read(f"{fc2}.weight")
+        raise KeyError(key)
+
     def mlp(self, layer: int, h: torch.Tensor) -> Part:
         p = f"decoder.layers.{layer}"
-        ffn = self.math.ffn
-
-        def fc1_half(kind: str, half: int) -> torch.Tensor | None:
-            name = f"{p}.mlp.linear_fc1.{kind}"
-            if not self.source.has(name):
-                return None
-            return self.source.tensor(name).narrow(0, half * ffn, ffn).materialize().float()
+        moe = self.math.is_moe_layer(layer)
 
         def get(key: str) -> torch.Tensor | None:
-            which, _, kind = key.partition(".")
+            which, _, rest = key.partition(".")
             if which == "norm":
-                return self._norm(f"{p}.pre_mlp_layernorm.{kind}")
-            if which == "gate":  # the activated half of [gate; up]
-                return fc1_half(kind, 0)
-            if which == "up":
-                return fc1_half(kind, 1)
-            if which == "fc":
-                return self._read(f"{p}.mlp.linear_fc1.{kind}")
-            if which == "down" and kind == "weight":
-                return self._read(f"{p}.mlp.linear_fc2.weight")
-            raise KeyError(key)
+                return self._norm(f"{p}.pre_mlp_layernorm.{rest}")
+            if which == "router":
+                return self._read(f"{p}.mlp.router.{rest}")
+            if which == "experts":
+                expert, _, inner = rest.partition(".")
+                e = int(expert)
+                return self._feed_forward(
+                    inner,
+                    names.expert_name(layer, e, "linear_fc1"),
+                    names.expert_name(layer, e, "linear_fc2"),
+                )
+            if which == "shared":
+                shared = f"{p}.mlp.shared_experts"
+                return self._feed_forward(rest, f"{shared}.linear_fc1", f"{shared}.linear_fc2")
+            if which == "shared_gate":
+                return self._read(f"{p}.mlp.shared_experts.gate_weight")
+            return self._feed_forward(key, f"{p}.mlp.linear_fc1", f"{p}.mlp.linear_fc2")
 
         trace: dict[str, Trace] = {}
-        out = layers.mlp(get, h, self.math, _recorder(trace))
-        bias = self._read(f"{p}.mlp.linear_fc2.bias")
+        part = layers.moe if moe else layers.mlp
+        out = part(get, h, self.math, _recorder(trace))
+        bias = None if moe else self._read(f"{p}.mlp.linear_fc2.bias")
         return Part(out if bias is None else out + bias, trace)
 
     def head(self, x: torch.Tensor) -> Part:
@@ -178,9 +235,9 @@ def _recorder(trace: dict[str, Trace]) -> layers.Record:
 
 def source_reads(source: SourceCheckpoint) -> list:
     """Every stored tensor a verification reads (for fetching a remote source's bytes first)."""
-    from converters.megatron import names
-
     wanted = list(names.GLOBAL_PARAMS)
     for layer in range(source.config.num_layers):
         wanted += [names.layer_name(layer, suffix) for suffix in names.LAYER_PARAMS]
+        for expert in range(source.config.num_experts):
+            wanted += [names.expert_name(layer, expert, param) for param in names.EXPERT_PARAMS]
     return [source.tensor(name) for name in wanted if source.has(name)]

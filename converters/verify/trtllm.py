@@ -80,6 +80,12 @@ def trtllm_math(cfg: dict[str, Any], path: Path) -> tuple[ModelMath, _Biases]:
         attn = bool(cfg.get("attn_bias", False))
         dense = attn and arch != "Qwen2ForCausalLM"
         biases = _Biases(attn, dense, bool(cfg.get("mlp_bias", False)), False)
+    if (cfg.get("moe") or {}).get("num_experts") or cfg.get("moe_num_experts"):
+        raise BadExport(
+            "mixture-of-experts TensorRT-LLM exports are not verified yet (the Hugging Face "
+            "layout's are)",
+            path,
+        )
     quant = cfg.get("quantization") or {}
     if quant.get("quant_algo") or quant.get("kv_cache_quant_algo"):
         raise BadExport(f"quantized exports are not verified ({quant})", path)

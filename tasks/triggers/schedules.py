@@ -280,7 +280,7 @@ def run_once(name: str, profile: str, source: str, records: JobRecords) -> dict[
         )
     except ConversionError as exc:  # missing tracker, unknown profile, invalid spec or source
         outcome["error"] = str(exc)
-        log.error("schedule %s: run failed: %s", name, exc)
+        log.warning("schedule %s: run failed: %s", name, exc)  # routine: one line, no traceback
     except Exception as exc:  # S3 or Redis trouble: logged with its traceback, recorded
         outcome["error"] = f"{type(exc).__name__}: {exc}"
         log.exception("schedule %s: run failed", name)

@@ -15,6 +15,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
 
@@ -30,8 +31,11 @@ class Settings:
     # Output bytes that make an extra rank process worth its start-up (about a second of CPU).
     bytes_per_worker: int = 2 * 2**30
 
-    # Broker, result backend and job records (one Redis).
+    # Broker, result backend and job records (one Redis). `rediss://` for TLS.
     redis_url: str = "redis://localhost:6379/0"
+    # Redis AUTH password, put into `redis_url` when that names none (deployments keep the URL in
+    # plain config and the password in a secret).
+    redis_password: str = field(default="", repr=False)
     # A task still running after this long is delivered again (acks_late): above the longest rank.
     visibility_timeout: int = 12 * HOUR
     # How often kombu looks for unacknowledged messages of dead workers to restore (seconds).
@@ -76,6 +80,24 @@ class Settings:
     notify_attempts: int = 5
     notify_backoff: float = 2.0
 
+    # Where queued jobs may read (SOURCE, activations, tokenizer) and write (OUTPUT): comma-separated
+    # absolute path prefixes and `s3://bucket[/prefix]`, matched by whole path components after
+    # symlinks and `..` are resolved (`tasks.jobs.locations`). "" = no list: anywhere the workers'
+    # user and credentials reach. `porter serve` opens its job-changing calls only when both lists
+    # are set or `allow_any_location` says so explicitly.
+    allowed_sources: str = ""
+    allowed_outputs: str = ""
+    allow_any_location: bool = False
+    # Key of the HMAC every job record carries over its spec and labels (made by the submitter,
+    # checked by every step before it touches storage: `tasks.jobs.seals`). "" = records unsealed.
+    job_secret: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        if self.redis_password:
+            object.__setattr__(
+                self, "redis_url", _with_password(self.redis_url, self.redis_password)
+            )
+
     @classmethod
     def from_env(cls) -> Settings:
         """Settings from the defaults, the `PORTER_CONFIG` file and `PORTER_<FIELD>` variables."""
@@ -88,6 +110,16 @@ class Settings:
             if raw is not None:
                 values[f.name] = raw
         return cls(**{name: _coerce(cls, name, value) for name, value in values.items()})
+
+
+def _with_password(url: str, password: str) -> str:
+    """`url` with `password` in it (percent-encoded), unless it holds one already."""
+    parts = urlsplit(url)
+    if parts.password is not None or parts.hostname is None:
+        return url
+    user = quote(parts.username or "", safe="")
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -115,8 +147,15 @@ def _read_file(path: Path) -> dict[str, Any]:
     return {k: v for k, v in table.items() if k in known}
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
 def _coerce(cls: type[Settings], name: str, value: Any) -> Any:
     kind = type(getattr(cls(), name))
+    if kind is bool and isinstance(value, str):  # bool("0") would be True
+        if value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError(f"setting {name}: expected 1/0, true/false, yes/no, got {value!r:.40}")
     try:
         return kind(value)
     except (TypeError, ValueError) as exc:

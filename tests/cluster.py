@@ -49,18 +49,21 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def start_redis(data: Path, *options: str) -> tuple[subprocess.Popen, str]:
+def start_redis(
+    data: Path, *options: str, password: str | None = None
+) -> tuple[subprocess.Popen, str]:
     """A redis-server on a free loopback port with its files in `data`; (process, URL) once it
-    answers."""
+    answers. With `password`, it requires AUTH (`requirepass`) and the URL carries it."""
     server = shutil.which("redis-server")
     if server is None:
         pytest.fail("redis-server is not installed (tests/run.sh installs it)")
     port = free_port()
+    auth = ["--requirepass", password] if password else []
     proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), *options],
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), *auth, *options],
         stdout=subprocess.DEVNULL,
     )
-    url = f"redis://127.0.0.1:{port}/0"
+    url = f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
 
     def ready() -> bool:
@@ -133,6 +136,9 @@ def worker_env(redis_url: str, s3_endpoint: str, cache: Path) -> dict[str, str]:
         PORTER_NOTIFY_SECRET=NOTIFY_SECRET,  # workers sign notifications
         PORTER_NOTIFY_ATTEMPTS="3",
         PORTER_NOTIFY_BACKOFF="0.2",
+        # The shared test cluster takes jobs anywhere (tests use tmp paths and fresh buckets);
+        # tests/test_hardening_locations.py runs its own with allow-lists and a job secret.
+        PORTER_ALLOW_ANY_LOCATION="1",
         AWS_ENDPOINT_URL_S3=s3_endpoint,
         AWS_ACCESS_KEY_ID=ACCESS_KEY,
         AWS_SECRET_ACCESS_KEY=SECRET_KEY,
@@ -155,6 +161,11 @@ class Cluster:
     workers: list[subprocess.Popen] = field(default_factory=list)
     _started: dict[int, tuple] = field(default_factory=dict)
     _launched: int = 0
+
+    @property
+    def config(self) -> Path:
+        """The workers' PORTER_CONFIG (profiles: their notify URLs are read from it)."""
+        return Path(self.env["PORTER_CONFIG"])
 
     def start_worker(
         self, queues: str = "cpu", concurrency: int = 1, *, command: list[str] | None = None,
@@ -273,6 +284,8 @@ def cluster(redis_url: str, moto_s3: str, tmp_path_factory: pytest.TempPathFacto
     (base / "logs").mkdir()
     (base / "cache").mkdir()
     env = worker_env(redis_url, moto_s3, base / "cache")
+    env["PORTER_CONFIG"] = str(base / "porter.toml")
+    (base / "porter.toml").write_text("")
     c = Cluster(redis_url, env, base / "logs", base / "cache")
     c.start_worker()
     c.start_worker()

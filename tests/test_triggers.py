@@ -104,7 +104,8 @@ tp = 2
 @pytest.fixture
 def service(cluster, s3_env, receiver, tmp_path) -> Iterator[str]:
     """`porter serve` on a free loopback port, with a profile writing to this test's bucket."""
-    config = write_config(tmp_path / "porter.toml", s3_env, receiver.url)
+    # the workers' own config: notify URLs come from the profile they know, not from the record
+    config = write_config(cluster.config, s3_env, receiver.url)
     env = {
         **cluster.env,
         "PORTER_CONFIG": str(config),
@@ -114,8 +115,11 @@ def service(cluster, s3_env, receiver, tmp_path) -> Iterator[str]:
         "PORTER_MAX_REQUEST_BYTES": str(MAX_BODY),
         "PORTER_HOOK_MAX_AGE": "60",
     }
-    with serve(env, tmp_path / "serve.log") as base:
-        yield base
+    try:
+        with serve(env, tmp_path / "serve.log") as base:
+            yield base
+    finally:
+        config.write_text("")
     assert HOOK_SECRET not in (tmp_path / "serve.log").read_text()  # secrets are never logged
 
 

@@ -28,8 +28,8 @@ def iteration_dir_name(text: str, where: Path | str) -> str:
         return "release"
     if text.isascii() and text.isdigit() and len(text) <= 18:
         return f"iter_{int(text):07d}"
-    raise NotAMegatronCheckpoint(
-        f"expected an iteration number or 'release', found {text[:40]!r}", where
+    raise NotAMegatronCheckpoint(  # never quotes the file: it may be a link to a secret
+        "expected an iteration number or 'release', found something else (not a number)", where
     )
 
 
@@ -89,7 +89,7 @@ def detect_format(iter_dir: Path) -> str:
         if backend == "torch_dist":
             return "torch_dist"
         raise NotAMegatronCheckpoint(
-            f"sharded_backend {backend!r} is not supported (only torch_dist)", metadata
+            "its sharded_backend is not supported (only torch_dist)", metadata
         )
     if any(child.name.startswith("mp_rank_") and child.is_dir() for child in iter_dir.iterdir()):
         return "legacy"

@@ -34,6 +34,7 @@ from config.queues import CPU_QUEUE
 from config.settings import Settings
 from converters.errors import ConversionError
 from tasks.executors.celery_notify import send_notifications
+from tasks.jobs import locations
 from tasks.jobs.ids import output_tag, task_id
 from tasks.jobs.outputs import (
     check_writable,
@@ -52,6 +53,7 @@ from tasks.jobs.records import (
     TERMINAL,
     JobRecords,
 )
+from tasks.jobs.seals import UnsealedJob, check_seal
 from tasks.kinds import all_kinds, kind_named
 from tasks.kinds.base import JobKind, Phase, Progress, StepContext
 from tasks.ops import metrics
@@ -75,7 +77,7 @@ def settings() -> Settings:
 @functools.cache
 def records() -> JobRecords:
     """This process's connection to the job records (redis-py reconnects after a fork)."""
-    return JobRecords(settings().redis_url, ttl=settings().record_ttl)
+    return JobRecords(settings().redis_url, ttl=settings().record_ttl, secret=settings().job_secret)
 
 
 def _spec(record: dict[str, Any]) -> Any:
@@ -131,6 +133,7 @@ def run_step(
     if state is None or state in TERMINAL:
         log.info("%s: job is %s; %s skipped", job, state, step)
         raise Ignore()
+    _check_sealed(rec, job, step)
     if planned:
         _check_planned(rec, job, step)
     deliveries = rec.count_delivery(job, step)
@@ -184,6 +187,19 @@ def run_step(
         remove_outputs(_spec(rec.get(job, steps=False)), job)
         raise Ignore()
     return result
+
+
+def _check_sealed(rec: JobRecords, job: str, step: str) -> None:
+    """Before a step touches storage: its job record carries the submitter's seal
+    (`tasks.jobs.seals`, with PORTER_JOB_SECRET); otherwise the job fails, unannounced."""
+    try:
+        check_seal(settings().job_secret, rec.get(job, steps=False) or {"id": job})
+    except UnsealedJob as exc:
+        message = str(exc)
+        rec.step(job, step, state=FAILED, error=message, finished=time.time())
+        rec.finish(job, FAILED, f"{step}: {message}")
+        log.warning("%s: %s", step, message)
+        raise Reject(message, requeue=False) from None
 
 
 def _check_planned(rec: JobRecords, job: str, step: str) -> None:
@@ -293,6 +309,7 @@ def plan(job: str) -> dict[str, Any]:
         # a bad one). The source may have changed since submission (e.g. fixed before a retry):
         # the job keeps its id, and its artifacts are tagged with the version actually read.
         spec = _spec(record)
+        locations.check_spec(spec, settings())  # where the files are, symlinks resolved
         held = records().claim_output(job, spec.output)
         if held is not None:  # another job that has not ended writes there: leave it be
             raise output_held(*held, spec.output)

@@ -31,6 +31,8 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+from tasks.jobs.seals import seal
+
 log = logging.getLogger(__name__)
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
@@ -91,7 +93,7 @@ class JobRecords:
     """Read and write job records in one Redis database."""
 
     def __init__(
-        self, url: str, *, ttl: int = 30 * 24 * 3600, retries: int = 20,
+        self, url: str, *, ttl: int = 30 * 24 * 3600, retries: int = 20, secret: str = "",
         timeout: float | None = None,
     ) -> None:  # fmt: skip
         # Record writes ride out a Redis restart (AOF brings the data back): retried with backoff
@@ -109,6 +111,7 @@ class JobRecords:
             url, decode_responses=True, retry=Retry(NoBackoff(), 0), socket_timeout=2
         )
         self.ttl = ttl
+        self.secret = secret  # PORTER_JOB_SECRET: new records are sealed with it (`seals`)
         self._finish = self.redis.register_script(_FINISH)
         self._claim = self.redis.register_script(_CLAIM)
 
@@ -120,12 +123,15 @@ class JobRecords:
         return f"{self._job(job)}:step:{step}"
 
     def create(self, job: str, kind: str, spec: dict[str, Any], **fields: Any) -> bool:
-        """Create the record of `job` unless it exists; True if this call created it."""
+        """Create the record of `job` unless it exists; True if this call created it. Sealed
+        (`tasks.jobs.seals`) when this connection has the job secret."""
         key = self._job(job)
         if not self.redis.hsetnx(key, "id", job):
             return False
         now = time.time()
         record = {"kind": kind, "state": PENDING, "spec": spec, "created": now, "attempt": 1}
+        if self.secret:
+            record["seal"] = seal(self.secret, job, kind, spec, fields)
         self.redis.hset(key, mapping=_encode({**record, "error": "", **fields}))
         self.redis.zadd(f"{_PREFIX}jobs", {job: now})
         return True

@@ -14,6 +14,7 @@ from typing import Any
 from config.queues import CPU_QUEUE
 from config.settings import Settings
 from converters.errors import ConversionError
+from tasks.jobs import locations
 from tasks.jobs.checks import show
 from tasks.jobs.ids import is_job_id, job_id, task_id
 from tasks.jobs.outputs import output_held, remove_outputs
@@ -36,7 +37,7 @@ def connect(settings: Settings | None = None, *, interactive: bool = False) -> J
     settings = settings or Settings.from_env()
     retries = INTERACTIVE_RETRIES if interactive else 20
     return JobRecords(
-        settings.redis_url, ttl=settings.record_ttl, retries=retries,
+        settings.redis_url, ttl=settings.record_ttl, retries=retries, secret=settings.job_secret,
         timeout=INTERACTIVE_TIMEOUT if interactive else None,
     )  # fmt: skip
 
@@ -71,8 +72,11 @@ def submit_many(
     specs: list[tuple[JobSpec, dict[str, Any]]], records: JobRecords
 ) -> list[tuple[str, bool]]:
     """Queue several jobs, all or nothing as far as checking goes: every source is listed and
-    every id computed before the first job is created, so a bad entry submits none.
-    Returns (job id, created) per spec, in order."""
+    every id computed before the first job is created, so a bad entry submits none. Locations
+    are normalised and checked against the allow-lists first (`tasks.jobs.locations`), so the
+    id is the same for every spelling. Returns (job id, created) per spec, in order."""
+    settings = Settings.from_env()
+    specs = [(locations.admit(spec, settings), labels) for spec, labels in specs]
     jobs = [job_id(spec, _identity(spec)) for spec, _ in specs]
     for job, (spec, _) in zip(jobs, specs, strict=True):  # (the plan step checks it again)
         held = records.output_holder(job, spec.output)

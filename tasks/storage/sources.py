@@ -29,6 +29,7 @@ from converters.megatron.layout import (
 )
 from converters.tensors import LazyTensor
 from converters.trtllm.plan import Target, rank_tensors
+from tasks.jobs import locations
 from tasks.jobs.ids import identity_digest
 from tasks.storage.base import ArtifactStore
 from tasks.storage.mirror import Location, Mirror
@@ -46,7 +47,10 @@ def source_identity(uri: str) -> list[list]:
         location = _locate(uri)
         return [[o.key, o.size, o.etag] for o in location.objects]
     root = Path(uri)
+    tracker = root / LATEST_FILE
+    locations.check_tree(root, tracker, walk=False)
     iter_dir = resolve_iteration_dir(root)
+    locations.check_tree(iter_dir)  # (a symlinked iteration directory: its target and contents)
     detect_format(iter_dir)
     identity = []
     for path in sorted(p for p in iter_dir.rglob("*") if p.is_file()):
@@ -161,15 +165,18 @@ def _iteration_prefix(store: ArtifactStore) -> str:
         return "release/"
     if text.isdigit():
         return f"iter_{int(text):07d}/"
-    raise NotAMegatronCheckpoint(
-        f"expected an iteration number or 'release', found {text[:40]!r}", store.uri(LATEST_FILE)
+    raise NotAMegatronCheckpoint(  # never quotes the file: it may be a link to a secret
+        "expected an iteration number or 'release', found something else (not a number)",
+        store.uri(LATEST_FILE),
     )
 
 
 def latest_iteration(root: str) -> tuple[str, str]:
     """(location of the iteration, its label) that `latest_checkpointed_iteration.txt` under the
     training output `root` names: ("s3://b/run/iter_0000300", "300"), or ".../release" and
-    "release". A root without the tracker is NotAMegatronCheckpoint naming it."""
+    "release". A root without the tracker is NotAMegatronCheckpoint naming it. A root outside
+    the sources allow-list is refused before anything is read there."""
+    locations.check_source(root, "checkpoint")
     if _is_s3(root):
         store = open_store(root)
         if store.stat(LATEST_FILE) is None:

@@ -11,8 +11,10 @@
     POST /v1/hooks/huggingface             Hub webhook (X-Webhook-Secret)
 
 Job-changing calls need `Authorization: Bearer <PORTER_API_TOKEN>` (disabled when no token is
-set). Request bodies are read up to `max_request_bytes` (413 beyond). Secrets, tokens and
-signatures are never logged or echoed.
+set), and all calls that queue or change jobs (hooks too) stay closed (403) until both location
+allow-lists are set or `PORTER_ALLOW_ANY_LOCATION=1` (`tasks.jobs.locations`); a location outside
+them is 403 naming the rule. Request bodies are read up to `max_request_bytes` (413 beyond).
+Secrets, tokens and signatures are never logged or echoed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from redis.retry import Retry
 
 from config.settings import Settings
 from converters.errors import ConversionError
-from tasks.jobs import service
+from tasks.jobs import locations, service
 from tasks.jobs.iterations import parse_job
 from tasks.jobs.records import JobRecords
 from tasks.ops.metrics_collector import render as render_metrics
@@ -128,10 +130,21 @@ def create_app(
                 401, "missing or wrong bearer token", headers={"WWW-Authenticate": challenge}
             )
 
+    closed = locations.write_routes_problem(settings)  # secure by default: no lists, no writes
+    if closed:
+        logging.getLogger(__name__).warning("porter serve: %s", closed)
+
+    def writable() -> None:
+        if closed:
+            raise HTTPException(403, closed)
 
     @app.exception_handler(ConversionError)
     async def _invalid(_: Request, exc: ConversionError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(locations.LocationRefused)
+    async def _refused(_: Request, exc: locations.LocationRefused) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "rule": exc.rule}, status_code=403)
 
     @app.exception_handler(service.JobNotFound)
     async def _not_found(_: Request, exc: service.JobNotFound) -> JSONResponse:
@@ -191,7 +204,7 @@ def create_app(
 
     @app.post(
         "/v1/jobs",
-        dependencies=[Depends(authorized)],
+        dependencies=[Depends(authorized), Depends(writable)],
         openapi_extra=openapi.job_spec_body(),
     )
     async def submit(request: Request, response: Response) -> dict[str, Any]:
@@ -206,17 +219,18 @@ def create_app(
         done, total = service.progress(record)
         return {**record, "progress": {"bytes_done": done, "bytes_total": total}}
 
-    @app.post("/v1/jobs/{job}/cancel", dependencies=[Depends(authorized)])
+    @app.post("/v1/jobs/{job}/cancel", dependencies=[Depends(authorized), Depends(writable)])
     def cancel(job: str) -> dict[str, Any]:
         return service.cancel(recs(), job)
 
-    @app.post("/v1/jobs/{job}/retry", dependencies=[Depends(authorized)])
+    @app.post("/v1/jobs/{job}/retry", dependencies=[Depends(authorized), Depends(writable)])
     def retry(job: str) -> dict[str, Any]:
         return {"job": job, "attempt": service.retry(recs(), job)}
 
     @app.post(
         "/v1/hooks/training-complete",
         status_code=202,
+        dependencies=[Depends(writable)],
         openapi_extra=openapi.TRAINING_COMPLETE_BODY,
     )
     async def training_complete(
@@ -240,6 +254,7 @@ def create_app(
     @app.post(
         "/v1/hooks/huggingface",
         status_code=202,
+        dependencies=[Depends(writable)],
         openapi_extra=openapi.HUB_EVENT_BODY,
     )
     async def huggingface(

@@ -40,8 +40,7 @@ def submit_checkpoint(
         "model": profile.model,
         "profile": profile.name,
         "iteration": iteration,
-        "trigger": trigger,
-        "notify": list(profile.notify),
+        "trigger": trigger,  # (notify URLs: the workers take them from the profile)
     }
     submitted = service.submit_many(
         [(spec, {**labels, "export": export.name}) for export, spec in expanded], records

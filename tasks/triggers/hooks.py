@@ -28,6 +28,7 @@ import redis
 
 from tasks.jobs.checks import InvalidSpec
 from tasks.jobs.iterations import checkpoint_at
+from tasks.jobs.locations import check_source
 from tasks.jobs.records import JobRecords
 from tasks.storage import sources
 from tasks.triggers import checkpoints as triggers
@@ -104,6 +105,7 @@ def training_complete(
     try:
         name, checkpoint, iteration = _training_request(parse_json(body))
         profile = triggers.profile_named(name, profiles)
+        check_source(checkpoint, "checkpoint")  # before anything is read there (403)
         if iteration is None:
             checkpoint, iteration = sources.latest_iteration(checkpoint)
         else:  # that iteration's directory, which must exist (not whatever the tracker names)

@@ -1,6 +1,12 @@
 """Notifications: when a job ends SUCCEEDED or FAILED, POST a signed JSON summary to each URL of
 its profile, retrying with exponential backoff.
 
+What is signed is only what the worker can check (a Redis writer must not get Porter's signature
+on a story of its own): the URLs come from the worker's own profile configuration (`urls`: the
+record names only the profile), the job's spec and labels from its sealed record
+(`tasks.jobs.seals`), and the outcome from OUTPUT itself (`summary`: SUCCEEDED only when
+`manifest.json` there names this job, with the manifest's own URI and file count).
+
 The body is JSON (`summary`), signed like hooks (`tasks.triggers.signing`, secret `PORTER_NOTIFY_SECRET`),
 with `X-Porter-Event: job.finished` and `X-Porter-Delivery: <job>:<attempt>` so a receiver can
 dedup. 5xx, 429 and network errors are retried (`notify_attempts`, `notify_backoff` doubling); any
@@ -17,25 +23,44 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from tasks.jobs.outputs import MANIFEST
+from tasks.storage.store import open_store
+from tasks.triggers.profiles import Profile
 from tasks.triggers.signing import HEADER, sign
 
 log = logging.getLogger(__name__)
 
 TIMEOUT = 10.0
-_SUMMARY_FIELDS = ("kind", "state", "model", "profile", "export", "iteration", "trigger")
+_SUMMARY_FIELDS = ("kind", "model", "profile", "export", "iteration", "trigger")
+MAX_ERROR_CHARS = 500
 
 
 class NotifyFailed(Exception):
     """A notification could not be delivered."""
 
 
+def urls(record: dict[str, Any], profiles: dict[str, Profile]) -> tuple[str, ...]:
+    """Where a finished job is announced: its profile's notify URLs in this process's
+    configuration (none for a job without a profile, or a profile it does not know)."""
+    profile = profiles.get(record.get("profile") or "")
+    return profile.notify if profile is not None else ()
+
+
 def summary(record: dict[str, Any]) -> dict[str, Any]:
-    """What a receiver is told about a finished job."""
-    body: dict[str, Any] = {"job": record["id"]}
+    """What a receiver is told about a finished job: its sealed spec and labels, and the outcome
+    re-read from OUTPUT (`manifest.json` naming this job: SUCCEEDED; otherwise FAILED, with the
+    record's error, cut short)."""
+    output = (record.get("spec") or {}).get("output")
+    store = open_store(output)
+    manifest = store.get_json(MANIFEST)
+    succeeded = isinstance(manifest, dict) and manifest.get("job_id") == record["id"]
+    body: dict[str, Any] = {"job": record["id"], "state": "SUCCEEDED" if succeeded else "FAILED"}
     body.update({k: record.get(k) for k in _SUMMARY_FIELDS})
-    body["manifest_uri"] = record.get("manifest_uri")
-    body["output"] = (record.get("spec") or {}).get("output")
-    body["error"] = record.get("error") or None
+    body["manifest_uri"] = store.uri(MANIFEST) if succeeded else None
+    body["files"] = len(manifest.get("files") or []) if succeeded else None
+    body["output"] = output
+    error = None if succeeded else str(record.get("error") or "no manifest of this job in OUTPUT")
+    body["error"] = error if error is None else error[:MAX_ERROR_CHARS]
     body["attempt"] = record.get("attempt")
     body["finished"] = record.get("finished")
     return body

@@ -48,7 +48,7 @@ from redbeat.schedulers import RedBeatSchedulerEntry, get_redis
 from config.celery_app import CPU_QUEUE, app
 from config.settings import Settings
 from converters.errors import ConversionError
-from tasks.jobs import service
+from tasks.jobs import locations, service
 from tasks.jobs.checks import InvalidSpec, check_location
 from tasks.jobs.records import JobRecords
 from tasks.triggers import checkpoints as triggers
@@ -117,6 +117,7 @@ def check_source(source: str) -> str:
         raise ScheduleError(
             f"SOURCE {source!r:.80} must be s3://bucket/prefix or an absolute path the workers see"
         )
+    locations.check_source(source, "SOURCE")  # (each run is checked again when it submits)
     return source
 
 

@@ -185,6 +185,9 @@ def test_new_iteration_gets_a_new_job_and_a_missing_tracker_is_recorded(sched, t
         assert "latest_checkpointed_iteration.txt" in stats
         errors = int(sched.stats(name)["errors"])
         assert errors >= 1
+        logs = "\n".join(p.read_text(errors="replace") for p in sched.cluster.logs.glob("worker-*"))
+        failed = [line for line in logs.splitlines() if f"schedule {name}: run failed" in line]
+        assert failed and all("WARNING/" in line for line in failed), failed  # routine: no ERROR
 
         source = megatron("llama").paths[LEGACY_TP1]
         shutil.copytree(source / "iter_0000010", root / "iter_0000010")

@@ -125,6 +125,23 @@ def test_trtllm_layouts_verify_clean(export, fixture, options):
     assert report.tolerance == 1e-4
 
 
+@pytest.mark.parametrize(
+    "fixture, layout, tp",
+    [
+        ("llama31", TP2, 2),
+        ("qwen2", HF_LAYOUTS[3], 2),
+        ("qwen3", TP2, 4),
+        ("qwen3_1p", TP2, 2),  # zero-centred norm weights
+        ("starcoder", TP1, 2),  # multi-query: the one KV head on every rank
+    ],
+    ids=["llama31", "qwen2-dist", "qwen3-tp4", "qwen3-1p", "starcoder"],
+)
+def test_trtllm_families_verify_clean(export, fixture, layout, tp):
+    source, out = export(fixture, layout, "trtllm", tp=tp)
+    report = run(source, out)
+    assert report.ok, report.failure()
+
+
 def test_bf16_export_of_fp32_source_verifies_with_the_dtype_tolerance(export):
     source, out = export("llama", TP2, "trtllm", tp=2, dtype="bfloat16")
     report = run(source, out)
@@ -146,8 +163,8 @@ def test_hf_exports_verify_clean(export, fixture, layout):
 
 @pytest.mark.parametrize(
     "fixture, options",
-    [("llama", {}), ("llama_te_bf16", {}), ("qwen2", {"vocab_size": 90})],
-    ids=["llama", "bf16", "trimmed-vocab"],
+    [("llama", {}), ("llama_te_bf16", {}), ("qwen2", {"vocab_size": 90}), ("qwen3_1p", {})],
+    ids=["llama", "bf16", "trimmed-vocab", "zero-centred-norms"],
 )
 def test_hf_variants_verify_clean(export, fixture, options):
     source, out = export(fixture, TP2, "hf", **options)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from converters.errors import NotAMegatronCheckpoint
-from converters.megatron.dist_source import DistSource
-from converters.megatron.legacy import LegacyCheckpoint
-from converters.model import ModelConfig
-from converters.tensors import LazyTensor
+
+if TYPE_CHECKING:  # finding and identifying a checkpoint needs no torch; reading it does
+    from converters.model import ModelConfig
+    from converters.tensors import LazyTensor
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 _MAX_TRACKER_BYTES = 64  # an iteration number or "release", plus whitespace
@@ -101,6 +101,9 @@ def detect_format(iter_dir: Path) -> str:
 
 def open_checkpoint(source: Path) -> SourceCheckpoint:
     """Open a Megatron checkpoint (root, iteration directory, legacy or torch_dist) for reading."""
+    from converters.megatron.dist_source import DistSource
+    from converters.megatron.legacy import LegacyCheckpoint
+
     iter_dir = resolve_iteration_dir(Path(source))
     if detect_format(iter_dir) == "torch_dist":
         return DistSource(iter_dir)

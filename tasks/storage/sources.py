@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from config.settings import Settings
 from converters.errors import NotAMegatronCheckpoint
@@ -27,14 +28,16 @@ from converters.megatron.layout import (
     open_checkpoint,
     resolve_iteration_dir,
 )
-from converters.tensors import LazyTensor
-from converters.trtllm.plan import Target, rank_tensors
 from tasks.jobs import locations
 from tasks.jobs.ids import identity_digest
 from tasks.storage.base import ArtifactStore
-from tasks.storage.mirror import Location, Mirror
 from tasks.storage.sparse import FetchStats, SourceChanged, SourceObject, read_exactly
 from tasks.storage.store import open_store
+
+if TYPE_CHECKING:  # listing a source (its identity) needs no torch; the readers below import it
+    from converters.tensors import LazyTensor
+    from converters.trtllm.plan import Target
+    from tasks.storage.mirror import Location
 
 # --------------------------------------------------------------------------------------------
 # Public interface
@@ -64,6 +67,8 @@ def open_source(
 ) -> SourceCheckpoint:
     """Local path → `open_checkpoint(path)`. s3:// → a sparse mirror under `cache_dir` holding
     only metadata bytes (enough for config, shapes and estimates); no weights are downloaded."""
+    from tasks.storage.mirror import Mirror
+
     if not _is_s3(uri):
         return open_checkpoint(Path(uri))
     mirror = Mirror(_locate(uri), _cache_root(cache_dir), _gap(coalesce_gap))
@@ -81,6 +86,8 @@ def open_source_for_rank(
     expected_digest: str | None = None,
 ) -> tuple[SourceCheckpoint, FetchStats]:
     """`open_source_for` the tensors of TensorRT-LLM rank `rank` of `target`."""
+    from converters.trtllm.plan import rank_tensors
+
     return open_source_for(
         uri,
         lambda source: [t.source for t in rank_tensors(source, target, rank)],
@@ -110,6 +117,8 @@ def open_source_for(
     location = _locate(uri)
     if expected_digest is not None:
         _check_digest(uri, [[o.key, o.size, o.etag] for o in location.objects], expected_digest)
+    from tasks.storage.mirror import Mirror
+
     mirror = Mirror(location, _cache_root(cache_dir), _gap(coalesce_gap))
     mirror.fetch_metadata(stats)
     planned = mirror.open()
@@ -192,6 +201,8 @@ def latest_iteration(root: str) -> tuple[str, str]:
 
 
 def _locate(uri: str) -> Location:
+    from tasks.storage.mirror import Location  # (imports the readers: torch)
+
     """The iteration of an s3:// checkpoint and its objects (sizes and ETags); errors name `uri`."""
     store = open_store(uri)
     prefix = _iteration_prefix(store)

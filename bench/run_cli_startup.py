@@ -1,0 +1,98 @@
+"""Start-up of the light `porter` commands: `porter --help`, `porter status JOB`, `porter jobs`
+(wall time from process start to exit, median and best of --runs), against a redis-server this
+script starts on a free loopback port; with --before DIR, the same commands run from another
+checkout (e.g. a `git worktree` of an earlier commit) alternate with this one's.
+
+Usage: python bench/run_cli_startup.py [--runs 10] [--before DIR]
+Prints a markdown table, and a JSON summary as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--before", type=Path, help="another checkout to compare with")
+    a = ap.parse_args(argv)
+    server = shutil.which("redis-server")
+    if not server:
+        raise SystemExit("redis-server not found")
+    port = _free_port()
+    data = Path(tempfile.mkdtemp(prefix="porter-cli-bench-"))
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(data)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        time.sleep(0.5)
+        from tasks.jobs.records import JobRecords
+
+        records = JobRecords(url, ttl=600)
+        job = f"megatron-trtllm-{uuid.uuid4().hex[:16]}"
+        records.create(job, "megatron-trtllm", {"source": "/c", "output": "/o", "tp": 2, "pp": 1})
+        records.finish(job, "SUCCEEDED")
+        commands = {
+            "porter --help": ["--help"],
+            "porter status JOB": ["status", job],
+            "porter jobs": ["jobs"],
+        }
+        trees = {"now": REPO} | ({"before": a.before.resolve()} if a.before else {})
+        times: dict[tuple[str, str], list[float]] = {}
+        for _ in range(a.runs):
+            for label, args in commands.items():
+                for tree, path in trees.items():
+                    env = dict(os.environ, PORTER_REDIS_URL=url, PYTHONPATH=str(path))
+                    cmd = [sys.executable, "-m", "tasks.cli", *args]
+                    times.setdefault((label, tree), []).append(_timed(cmd, path, env))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(data, ignore_errors=True)
+    print("| command | " + " | ".join(f"{t} median s | {t} best s" for t in trees) + " |")
+    print("|---|" + "---:|---:|" * len(trees))
+    for label in commands:
+        cells = []
+        for tree in trees:
+            t = times[(label, tree)]
+            cells += [f"{statistics.median(t):.2f}", f"{min(t):.2f}"]
+        print(f"| `{label}` | " + " | ".join(cells) + " |")
+    summary = {
+        f"{label} [{tree}]": {"median_s": statistics.median(t), "best_s": min(t), "runs": t}
+        for (label, tree), t in times.items()
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

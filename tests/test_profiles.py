@@ -86,6 +86,8 @@ def test_toml_and_yaml_profiles_expand_to_the_same_job_specs(tmp_path, monkeypat
         ),
         (("https://ci.example.com/hook", "file:///etc/passwd"), "must be http(s)://"),
         (('kind = "megatron-trtllm"', 'kind = "onnx"'), "unknown job kind 'onnx'"),
+        (('kind = "megatron-trtllm"', 'kind = ["megatron-trtllm"]'), "unknown job kind ['meg"),
+        (('kind = "megatron-trtllm"', "kind = {a = 1}"), "unknown job kind {'a': 1}"),
         (("s3://exports/", "relative/"), "must be an s3:// URI or an absolute path"),
         (("s3://exports/", "s3://exports/../"), "'..'"),
         (('notify = "', 'nofity = "'), "unknown key(s) nofity"),

@@ -84,7 +84,8 @@ class Profile:
             "checkpoint": checkpoint.rstrip("/"),
         }
         data = _format(export.template, values)
-        kind = all_kinds().get(data.get("kind", DEFAULT_KIND))
+        named = data.get("kind", DEFAULT_KIND)  # a list or a table is no kind: parse_spec says so
+        kind = all_kinds().get(named) if isinstance(named, str) else None
         if kind is not None and kind.checkpoint_field:  # (an unknown kind: parse_spec says so)
             data.setdefault(kind.checkpoint_field, checkpoint)
         if "output" not in data and self.output is not None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from converters.errors import NonFiniteWeights
+from converters.errors import ConversionError, NonFiniteWeights
 from converters.megatron.layout import SourceCheckpoint
 from converters.model import DTYPES
 from converters.tensors import Concat, LazyTensor
@@ -118,7 +118,7 @@ class _ReadAhead:
             return
         try:
             ranges = tensor.source.file_ranges()
-        except (NotImplementedError, OSError):
+        except (ConversionError, NotImplementedError, OSError):  # reading it will say what is wrong
             return
         for path, offset, length in ranges:
             try:
@@ -168,10 +168,12 @@ def write_file(
     nonfinite = []
     ahead = _ReadAhead()
     try:
+        if tensors:
+            ahead.tensor(tensors[0])
         with SafetensorsWriter(Path(path), specs, metadata={"format": "pt"}) as writer:
             for i, (tensor, spec) in enumerate(zip(tensors, specs, strict=True)):
-                for upcoming in tensors[i : i + 2] if i == 0 else tensors[i + 1 : i + 2]:
-                    ahead.tensor(upcoming)
+                if i + 1 < len(tensors):  # read the next tensor's bytes while this one is written
+                    ahead.tensor(tensors[i + 1])
                 if found := write_converted(writer, source, policy, tensor, dtype):
                     nonfinite.append(found)
                 read += tensor.source.source_nbytes

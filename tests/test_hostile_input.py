@@ -506,7 +506,7 @@ def test_tracker_pointing_outside_on_s3_is_refused_at_submit(cluster, s3_env, le
     )
     assert result.returncode == 1 and result.stdout == ""
     assert f"s3://{s3_env}/src/latest_checkpointed_iteration.txt" in result.stderr
-    assert "'../../etc'" in result.stderr
+    assert "not a number" in result.stderr and "../../etc" not in result.stderr  # never quoted
 
 
 @pytest.mark.parametrize("name", ["../__0_0.distcp", "/etc/passwd", "__0_0\x00.distcp"])

@@ -413,3 +413,35 @@ def _notify(stack: Stack, job: str) -> dict:
     client.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
     result = client.send_task("porter.notify", args=[job], task_id=f"{job}:notify:x", queue="cpu")
     return wait_until(lambda: result.ready() and (result.get() or {"": 0}), 60, "notify")
+
+
+# --- the rules themselves (no servers) ---------------------------------------------------------
+
+
+def test_allow_lists_match_whole_components_after_resolving(tmp_path):
+    from tasks.jobs.locations import AllowList, normalise
+
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    (tmp_path / "data" / "a" / "up").symlink_to(tmp_path, target_is_directory=True)
+    allow = AllowList.parse("X", f"{tmp_path}/data/a/, s3://bucket/team-a")
+    assert allow.admits(f"{tmp_path}/data/a") and allow.admits(f"{tmp_path}/data/a/new/x")
+    assert not allow.admits(f"{tmp_path}/data/ab")
+    assert not allow.admits(f"{tmp_path}/data/a/../b")  # '..' resolved before matching
+    assert not allow.admits(f"{tmp_path}/data/a/up/elsewhere")  # through a symlink
+    assert allow.admits("s3://bucket/team-a/x") and not allow.admits("s3://bucket/team-ab")
+    assert not allow.admits("s3://bucket/") and not allow.admits("s3://other/team-a")
+    assert AllowList.parse("X", " , ").roots is None  # not set: restricts nothing
+    with pytest.raises(ValueError, match="not an absolute path"):
+        AllowList.parse("X", "data/a")
+    assert normalise("//data/./a//b/") == "/data/a/b" and normalise("s3://b/p/") == "s3://b/p"
+
+
+@pytest.mark.parametrize("value, closed", [("0", True), ("false", True), ("1", False)])
+def test_allow_any_location_is_read_as_a_boolean(monkeypatch, value, closed):
+    """`bool("0")` is True: a '0' must not open the job-changing calls."""
+    from config.settings import Settings
+    from tasks.jobs.locations import write_routes_problem
+
+    monkeypatch.delenv("PORTER_CONFIG", raising=False)
+    monkeypatch.setenv("PORTER_ALLOW_ANY_LOCATION", value)
+    assert (write_routes_problem(Settings.from_env()) is not None) == closed

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from converters.errors import ConversionError, UnsupportedModel
 from converters.hf.families import HfFamily, family_for
 from converters.megatron.layout import SourceCheckpoint
+from converters.megatron.names import expert_name, layer_name
 from converters.model import DTYPES, ModelConfig
 from converters.tensors import Zeros
 from converters.trtllm.plan import NONFINITE_POLICIES, OutputTensor, merged_tensors
@@ -135,14 +136,52 @@ def _rename(
     return [OutputTensor(f"{prefix}.{_LAYER_NAMES[rest]}", tensor.source, tensor.add_one)]
 
 
+def _moe_block(source: SourceCheckpoint, family: type[HfFamily], layer: int) -> list[OutputTensor]:
+    """The router and every routed expert of MoE layer `layer`, one tensor per expert weight, read
+    from the source's merged experts (Megatron's fc1 is [gate; up])."""
+    cfg, names = source.config, family.moe_names
+    assert names is not None  # family_for gave an MoE architecture to an MoE model
+    prefix = f"model.layers.{layer}.{names.block}"
+    router = source.tensor(layer_name(layer, "mlp.router.weight"))
+    out = [OutputTensor(f"{prefix}.{names.router}.weight", router)]
+    rows = cfg.expert_ffn_hidden_size
+    for expert in range(cfg.num_experts):
+        fc1 = source.tensor(expert_name(layer, expert, "linear_fc1.weight"))
+        fc2 = source.tensor(expert_name(layer, expert, "linear_fc2.weight"))
+        at = f"{prefix}.experts.{expert}"
+        out += [
+            OutputTensor(f"{at}.{names.gate}.weight", fc1.narrow(0, 0, rows)),
+            OutputTensor(f"{at}.{names.up}.weight", fc1.narrow(0, rows, rows)),
+            OutputTensor(f"{at}.{names.down}.weight", fc2),
+        ]
+    return out
+
+
+def _moe_layer(name: str, cfg: ModelConfig) -> int | None:
+    """The layer of a TensorRT-LLM MLP tensor in an MoE layer (which the HF plan replaces with
+    its own router and per-expert tensors), None for any other tensor."""
+    match = _LAYER.match(name)
+    if match and match.group(2).startswith("mlp.") and cfg.is_moe_layer(int(match.group(1))):
+        return int(match.group(1))
+    return None
+
+
 def hf_tensors(source: SourceCheckpoint, target: HfTarget) -> list[OutputTensor]:
     """Every tensor of the HF checkpoint, with HF names, in model order (lazy: nothing is read)."""
     cfg = source.config
     check_target(cfg, target)
     family = family_for(cfg, target.architecture)
-    merged = merged_tensors(source)
     vocab = target.output_vocab(cfg)
-    return [out for tensor in merged for out in _rename(tensor, cfg, family, vocab)]
+    out: list[OutputTensor] = []
+    moe_done: set[int] = set()
+    for tensor in merged_tensors(source):
+        layer = _moe_layer(tensor.name, cfg)
+        if layer is None:
+            out += _rename(tensor, cfg, family, vocab)
+        elif layer not in moe_done:
+            out += _moe_block(source, family, layer)
+            moe_done.add(layer)
+    return out
 
 
 def shard_file_name(index: int, count: int) -> str:

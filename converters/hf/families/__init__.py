@@ -6,16 +6,20 @@ from __future__ import annotations
 from converters.errors import UnsupportedModel
 from converters.hf.families.base import FAMILIES, HfFamily, register
 from converters.hf.families.llama import LlamaFamily
+from converters.hf.families.mixtral import MixtralFamily
 from converters.hf.families.qwen2 import Qwen2Family
 from converters.hf.families.qwen3 import Qwen3Family
+from converters.hf.families.qwen3_moe import Qwen3MoeFamily
 from converters.model import ModelConfig
 
 __all__ = [
     "FAMILIES",
     "HfFamily",
     "LlamaFamily",
+    "MixtralFamily",
     "Qwen2Family",
     "Qwen3Family",
+    "Qwen3MoeFamily",
     "family_for",
     "register",
 ]

@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from converters.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class MoeNames:
+    """Where a mixture-of-experts architecture keeps its router and experts, per layer:
+    `model.layers.{i}.{block}.{router}.weight` and `...{block}.experts.{e}.{gate|up|down}.weight`."""
+
+    block: str
+    router: str
+    gate: str
+    up: str
+    down: str
 
 
 class HfFamily(ABC):
@@ -13,6 +26,7 @@ class HfFamily(ABC):
 
     architecture: ClassVar[str]  # the class transformers instantiates, e.g. "LlamaForCausalLM"
     model_type: ClassVar[str]  # `config.json`'s "model_type", e.g. "llama"
+    moe_names: ClassVar[MoeNames | None] = None  # None: a dense architecture
 
     @classmethod
     @abstractmethod

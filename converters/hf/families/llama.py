@@ -11,7 +11,19 @@ from converters.model import LLAMA3_ROPE_CONSTANTS, ModelConfig
 
 
 def llama_style_mismatches(cfg: ModelConfig) -> list[str]:
-    """What keeps `cfg` from being a Llama-style decoder, one phrase per feature (empty when none)."""
+    """What keeps `cfg` from being a dense Llama-style decoder, one phrase per feature (empty when
+    none)."""
+    found = decoder_mismatches(cfg)
+    if cfg.is_moe:
+        found.append(
+            "mixture-of-experts layers (MixtralForCausalLM or Qwen3MoeForCausalLM hold experts)"
+        )
+    return found
+
+
+def decoder_mismatches(cfg: ModelConfig) -> list[str]:
+    """What keeps `cfg` from being a Llama-style decoder (RMSNorm, full-head RoPE, SwiGLU),
+    dense or not."""
     found = []
     if cfg.normalization != "RMSNorm":
         found.append(f"{cfg.normalization} (needs RMSNorm)")

@@ -155,6 +155,13 @@ def test_redis_needs_the_password_and_a_job_goes_through_it(stack):
     assert record["seal"] and (stack.outputs / "plain" / "manifest.json").is_file()
     result = stack.cluster.porter("jobs", "--limit", "5")
     assert result.returncode == 0 and answer["id"] in result.stdout, result.stderr
+    # the command line submits (and seals) through the password too
+    cli = stack.cluster.porter(
+        "submit", "megatron-trtllm", str(stack.checkpoint), str(stack.outputs / "cli"),
+        "--tp", "1", "--wait",
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert records(stack).get(cli.stdout.split()[0])["seal"]
 
 
 def test_other_spellings_of_a_location_are_the_same_job(stack):

@@ -39,9 +39,9 @@ class HfFamily(ABC):
         """The model's `config.json` fields (no dtype: that is the target's)."""
 
     @classmethod
-    @abstractmethod
     def o_proj_bias(cls, cfg: ModelConfig) -> bool:
-        """Whether the attention output projection (`o_proj`) has a bias tensor."""
+        """Whether the attention output projection (`o_proj`) has a bias tensor (none in most)."""
+        return False
 
 
 FAMILIES: dict[str, type[HfFamily]] = {}

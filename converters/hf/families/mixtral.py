@@ -71,10 +71,6 @@ class MixtralFamily(HfFamily):
         return "; ".join(found) or None
 
     @classmethod
-    def o_proj_bias(cls, cfg: ModelConfig) -> bool:
-        return False
-
-    @classmethod
     def config_fields(cls, cfg: ModelConfig) -> dict[str, Any]:
         return {
             **moe_fields(cfg),

@@ -30,10 +30,6 @@ class Qwen2Family(HfFamily):
         return "; ".join(found) or None
 
     @classmethod
-    def o_proj_bias(cls, cfg: ModelConfig) -> bool:
-        return False
-
-    @classmethod
     def config_fields(cls, cfg: ModelConfig) -> dict[str, Any]:
         return qwen_fields(cfg)
 

@@ -27,10 +27,6 @@ class Qwen3Family(HfFamily):
         return "; ".join(found) or None
 
     @classmethod
-    def o_proj_bias(cls, cfg: ModelConfig) -> bool:
-        return False
-
-    @classmethod
     def config_fields(cls, cfg: ModelConfig) -> dict[str, Any]:
         # llama_style_fields writes head_dim = kv_channels: Qwen3 heads need not be hidden / heads.
         return {**qwen_fields(cfg), "attention_bias": False}

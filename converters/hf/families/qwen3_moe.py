@@ -34,10 +34,6 @@ class Qwen3MoeFamily(HfFamily):
         return "; ".join(found) or None
 
     @classmethod
-    def o_proj_bias(cls, cfg: ModelConfig) -> bool:
-        return False
-
-    @classmethod
     def config_fields(cls, cfg: ModelConfig) -> dict[str, Any]:
         dense = [layer for layer in range(cfg.num_layers) if not cfg.is_moe_layer(layer)]
         return {

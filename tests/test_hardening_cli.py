@@ -55,6 +55,7 @@ def test_jobs_table_shows_progress_and_fits_every_id(capsys, monkeypatch, redis_
          {"reshard:0": {"state": "RUNNING", "done": 50, "total": 100}}, "25%"),
         ("powerinfer-index", "RUNNING", {"layers": [0, 1]},
          {"stats:0": {"state": "SUCCEEDED"}, "stats:1": {"state": "SUCCEEDED"}}, "50%"),
+        ("megatron-trtllm", "RUNNING", {"ranks": [{"rank": 0}]}, {}, "?"),  # an odd plan
     ]:  # fmt: skip
         job = f"{kind}-{os.urandom(8).hex()}"
         records.create(job, kind, spec, output=spec["output"])
@@ -64,10 +65,10 @@ def test_jobs_table_shows_progress_and_fits_every_id(capsys, monkeypatch, redis_
             records.step(job, step, **fields)
         made[job] = (state, shown)
         time.sleep(0.01)  # distinct creation times: the table is newest first
-    code, out, _ = run(capsys, "jobs", "--limit", "3")
+    code, out, _ = run(capsys, "jobs", "--limit", "4")
     assert code == 0
     header, *rows = out.splitlines()
-    assert len(rows) == 3 and {row.split()[0] for row in rows} == set(made)
+    assert len(rows) == 4 and {row.split()[0] for row in rows} == set(made)
     state_at, progress_end = header.index("state"), header.index("progress") + len("progress")
     for row in rows:
         job = row.split()[0]

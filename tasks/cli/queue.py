@@ -171,12 +171,16 @@ def submit_batch(args: argparse.Namespace) -> int:
 
 
 def _progress_cell(record: dict[str, Any]) -> str:
-    """A job's progress for the table: the share done once it is planned, "-" before."""
+    """A job's progress for the table: the share done once it is planned, "-" before, "?" for a
+    record its kind cannot read (one odd record must not take the whole table down)."""
     from tasks.jobs import service
 
     if record["state"] == "SUCCEEDED":
         return "100%"
-    done, total = service.progress(record)
+    try:
+        done, total = service.progress(record)
+    except (ConversionError, KeyError, TypeError, ValueError):
+        return "?"
     return f"{done / total:.0%}" if total else "-"
 
 

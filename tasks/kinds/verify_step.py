@@ -10,8 +10,9 @@ range steps, each waiting for its predecessor's activations, is no faster than o
 is nothing to run in parallel) and adds a task, a stored activation file and a failure point per
 range; independent range steps would each re-run the source's earlier layers (reading on average
 half the source each). The work is I/O-bound (each layer's tensors read once from either side),
-its memory is a few tensors of one layer whatever the model's size, and at the measured rate
-(docs/PERFORMANCE.md) one worker verifies a 70B model in well under the task time limit.
+its memory is a few tensors of one layer whatever the model's size. At the rate measured on the
+loaded 2-core sandbox (docs/PERFORMANCE.md, about 40 s per GiB of source) a 70B bf16 model takes
+about 1.5 hours, well inside the 12-hour visibility timeout; a re-delivered step starts over.
 The result (per-layer maxima, the tolerance, the first failure) goes into the job record (the
 step's result) and, through the kind's source summary, into manifest.json.
 """

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from tests.trtllm_reference_moe import moe_mlp
+
 __all__ = ["ReferenceError", "reference_logits"]
 
 
@@ -166,9 +168,10 @@ def reference_logits(
         return cfg[key]
 
     arch = need("architecture")
-    llama_style = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+    llama_style = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MixtralForCausalLM")
     _check(arch in ("GPTForCausalLM", *llama_style), f"unsupported architecture {arch!r}")
     is_llama = arch in llama_style
+    moe = (cfg.get("moe") or {}).get("num_experts") and cfg["moe"]  # tests/trtllm_reference_moe.py
     qwen = arch.startswith("Qwen")
     V = int(need("vocab_size"))
     h = int(need("hidden_size"))
@@ -193,7 +196,8 @@ def reference_logits(
 
     if is_llama:
         _check(pos_type == "rope_gpt_neox", f"Llama needs rope_gpt_neox, got {pos_type!r}")
-        _check(act_name == "silu", f"Llama hidden_act must be 'silu', got {act_name!r}")
+        if not moe:
+            _check(act_name == "silu", f"Llama hidden_act must be 'silu', got {act_name!r}")
         gated = True
         attn_bias = bool(cfg.get("attn_bias", False))
         dense_bias = attn_bias and not qwen  # QWenDecoderLayer: Attention(dense_bias=False)
@@ -255,7 +259,7 @@ def reference_logits(
     kv_l = max(1, ng // T)
     _check(nq_l % kv_l == 0, f"local query heads {nq_l} not a multiple of local kv heads {kv_l}")
     q_per_kv = nq_l // kv_l
-    _check(F_ % T == 0, f"intermediate_size {F_} not divisible by tp_size {T}")
+    _check(moe or F_ % T == 0, f"intermediate_size {F_} not divisible by tp_size {T}")
     F_l = F_ // T
     _check(L % P == 0, f"num_hidden_layers {L} not divisible by pp_size {P}")
     L_p = L // P
@@ -384,6 +388,11 @@ def reference_logits(
                 x + reduced + (b if b is not None else 0.0)
                 for x, b in zip(xs, dense_b, strict=True)
             ]
+
+            if moe:  # every layer: TensorRT-LLM's decoder layers are all MoE or all dense
+                post = f"{pre}.post_layernorm"
+                xs = moe_mlp(stage, pre, xs, cfg, lambda f, x: norm(f, post, x), strict)  # noqa: B023
+                continue
 
             # MLP
             partials, proj_b = [], []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from converters.model import ModelConfig
+from converters.trtllm import moe
 from converters.trtllm.families import family_for
 from converters.trtllm.plan import Target, check_features
 
@@ -31,6 +32,11 @@ def trtllm_config(cfg: ModelConfig, target: Target) -> dict[str, Any]:
         "use_parallel_embedding": target.parallel_embedding,
         "embedding_sharding_dim": 0,
         "share_embedding_table": False,
-        "mapping": {"world_size": target.world_size, "tp_size": target.tp, "pp_size": target.pp},
+        "mapping": {
+            "world_size": target.world_size,
+            "tp_size": target.tp,
+            "pp_size": target.pp,
+            **moe.mapping_fields(cfg, target.tp, target.moe_ep),
+        },
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
     }

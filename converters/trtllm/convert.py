@@ -162,7 +162,7 @@ def write_file(
     """Stream `tensors` (cast to `dtype`) into the safetensors file `path`, one at a time, with
     the NaN/Inf `policy` (a refused tensor fails the step, whose file is then discarded).
     Returns the written file, the source bytes read and the NaN/Inf records."""
-    specs = [TensorSpec(t.name, t.source.shape, dtype) for t in tensors]
+    specs = [TensorSpec(t.name, t.source.shape, t.output_dtype(dtype)) for t in tensors]
     total = sum(s.nbytes for s in specs)
     done = read = 0
     nonfinite = []
@@ -174,7 +174,7 @@ def write_file(
             for i, (tensor, spec) in enumerate(zip(tensors, specs, strict=True)):
                 if i + 1 < len(tensors):  # read the next tensor's bytes while this one is written
                     ahead.tensor(tensors[i + 1])
-                if found := write_converted(writer, source, policy, tensor, dtype):
+                if found := write_converted(writer, source, policy, tensor, spec.dtype):
                     nonfinite.append(found)
                 read += tensor.source.source_nbytes
                 done += spec.nbytes

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from converters.choices import NONFINITE_POLICIES
 from converters.errors import ConversionError, IncompatibleParallelism, UnsupportedModel
 from converters.megatron.layout import SourceCheckpoint
 from converters.model import DTYPES, ModelConfig
-from converters.tensors import LazyTensor, Zeros
-from converters.trtllm import reshard
-from converters.trtllm.families import ModelFamily, family_for
+from converters.tensors import Concat, LazyTensor, Zeros
+from converters.trtllm import moe, reshard
+from converters.trtllm.families import family_for
+from converters.trtllm.families.base import Biases
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,9 @@ class Target:
     pp: int = 1
     dtype: str | None = None  # None: keep the checkpoint's dtype
     parallel_embedding: bool = False
+    # Mixture of experts: the target TP group split as moe_tp = tp / moe_ep experts-TP ranks by
+    # moe_ep expert-parallel ranks (TensorRT-LLM `Mapping`; 1 = every rank holds every expert).
+    moe_ep: int = 1
     # NaN/infinite weights: "warn" lists them in the rank result, "error" fails the rank.
     nonfinite: str = "warn"
 
@@ -43,6 +49,11 @@ class OutputTensor:
     name: str
     source: LazyTensor
     add_one: bool = False  # zero-centred norm weights (apply_layernorm_1p) are stored as gamma - 1
+    dtype: str | None = None  # None: the target's dtype (the MoE router is always float32)
+
+    def output_dtype(self, default: torch.dtype) -> torch.dtype:
+        """The dtype this tensor is written in when the target writes `default`."""
+        return DTYPES[self.dtype] if self.dtype else default
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,7 @@ class RankEstimate:
     bytes_read: int
     bytes_written: int
     peak_bytes: int  # the largest (source slice + converted tensor) held at once
+    experts: int = 0  # MoE: (layer, expert) weights this rank holds
 
 
 def unsupported_features(cfg: ModelConfig) -> list[str]:
@@ -88,7 +100,9 @@ def check_target(cfg: ModelConfig, target: Target) -> None:
             f"nonfinite {target.nonfinite!r} is not one of {', '.join(NONFINITE_POLICIES)}"
         )
     reshard.check_attention_split(cfg, target.tp)
-    for name, size in (("ffn_hidden_size", cfg.ffn_hidden_size),):
+    moe.check_moe_split(cfg, target.tp, target.moe_ep)
+    dense_mlp = not cfg.is_moe or bool(cfg.moe_layer_pattern)
+    for name, size in (("ffn_hidden_size", cfg.ffn_hidden_size if dense_mlp else 0),):
         if size % target.tp:
             raise IncompatibleParallelism(
                 f"{name}={size} is not divisible by the target TP={target.tp}"
@@ -105,17 +119,33 @@ def stage_layers(cfg: ModelConfig, target: Target, pp_rank: int) -> range:
     return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
 
 
+def _biases(cfg: ModelConfig, merged: bool) -> Biases:
+    """The bias tensors the TensorRT-LLM family of `cfg` has. The merge planner, for a MoE model
+    no TensorRT-LLM family takes (other targets write it), plans the biases the source has."""
+    try:
+        return family_for(cfg).biases(cfg)
+    except UnsupportedModel:
+        if not (merged and cfg.is_moe):
+            raise
+        linear = cfg.add_bias_linear
+        return Biases(qkv=cfg.add_qkv_bias or linear, dense=linear, mlp=linear)
+
+
 class _RankPlanner:
     """Builds the output tensors of one rank (a small helper object to keep the rules readable)."""
 
-    def __init__(self, source: SourceCheckpoint, target: Target, rank: int) -> None:
+    def __init__(
+        self, source: SourceCheckpoint, target: Target, rank: int, merged: bool = False
+    ) -> None:
         self.source, self.cfg, self.target = source, source.config, target
-        self.family: type[ModelFamily] = family_for(self.cfg)
+        self.biases = _biases(self.cfg, merged)
         self.tp_rank, self.pp_rank = rank % target.tp, rank // target.tp
         self.out: list[OutputTensor] = []
 
-    def add(self, name: str, tensor: LazyTensor, add_one: bool = False) -> None:
-        self.out.append(OutputTensor(name, tensor, add_one))
+    def add(
+        self, name: str, tensor: LazyTensor, add_one: bool = False, dtype: str | None = None
+    ) -> None:
+        self.out.append(OutputTensor(name, tensor, add_one, dtype))
 
     def split(self, tensor: LazyTensor, dim: int) -> LazyTensor:
         return reshard.split(tensor, dim, self.tp_rank, self.target.tp)
@@ -148,7 +178,7 @@ class _RankPlanner:
             )
 
     def layer(self, layer: int, local: int) -> None:
-        cfg, biases = self.cfg, self.family.biases(self.cfg)
+        cfg, biases = self.cfg, self.biases
         src, out = f"decoder.layers.{layer}", f"transformer.layers.{local}"
         self.norm(f"{out}.input_layernorm", f"{src}.input_layernorm")
         qkv = self.source.tensor(f"{src}.self_attention.linear_qkv.weight")
@@ -171,7 +201,13 @@ class _RankPlanner:
                 self.optional_bias(f"{src}.self_attention.linear_proj.bias", cfg.hidden_size),
             )
         self.norm(f"{out}.post_layernorm", f"{src}.pre_mlp_layernorm")
-        self.mlp(src, out, biases.mlp)
+        if cfg.is_moe_layer(layer):
+            for name, tensor, dtype in moe.moe_layer_tensors(
+                self.source, layer, out, self.tp_rank, self.target.tp, self.target.moe_ep
+            ):
+                self.add(name, tensor, dtype=dtype)
+        else:
+            self.mlp(src, out, biases.mlp)
 
     def qk_norms(self, src: str, out: str) -> None:
         """Per-head query/key norms (one weight of size d each, whole on every rank)."""
@@ -245,18 +281,39 @@ def merged_tensors(source: SourceCheckpoint) -> list[OutputTensor]:
     """Every tensor merged over the source's TP and PP ranks, in model order, under TensorRT-LLM's
     names (TP=1, PP=1), including what the TensorRT-LLM target refuses (`unsupported_features`):
     the base other targets rename (converters.hf.plan)."""
-    return _RankPlanner(source, Target(tp=1), 0).build()
+    return _RankPlanner(source, Target(tp=1), 0, merged=True).build()
 
 
 def estimate_rank(source: SourceCheckpoint, target: Target, rank: int) -> RankEstimate:
     """Bytes read, written and held at peak when converting rank `rank` (no data is read)."""
     tensors = rank_tensors(source, target, rank)
-    itemsize = DTYPES[target.output_dtype(source.config)].itemsize
-    written = [t.source.nbytes // t.source.dtype.itemsize * itemsize for t in tensors]
+    dtype = DTYPES[target.output_dtype(source.config)]
+
+    def written(tensor: LazyTensor, out: OutputTensor) -> int:
+        return tensor.nbytes // tensor.dtype.itemsize * out.output_dtype(dtype).itemsize
+
+    # The writer holds one piece at a time: one part of a row-wise join (a TP shard of a merged
+    # embedding, one expert of a stacked MoE weight), else the whole tensor.
+    pieces = [
+        (part, t)
+        for t in tensors
+        for part in (
+            t.source.parts if isinstance(t.source, Concat) and t.source.dim == 0 else [t.source]
+        )
+    ]
     return RankEstimate(
         rank=rank,
         tensors=len(tensors),
         bytes_read=sum(t.source.source_nbytes for t in tensors),
-        bytes_written=sum(written),
-        peak_bytes=max(t.source.nbytes + w for t, w in zip(tensors, written, strict=True)),
+        bytes_written=sum(written(t.source, t) for t in tensors),
+        peak_bytes=max(part.nbytes + written(part, t) for part, t in pieces),
+        experts=_rank_expert_count(source.config, target, rank),
     )
+
+
+def _rank_expert_count(cfg: ModelConfig, target: Target, rank: int) -> int:
+    if not cfg.is_moe:
+        return 0
+    layers = stage_layers(cfg, target, rank // target.tp)
+    moe_layers = sum(cfg.is_moe_layer(layer) for layer in layers)
+    return moe_layers * len(moe.rank_experts(cfg, rank % target.tp, target.moe_ep))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
+
 from converters.errors import IncompatibleParallelism
 from converters.model import ModelConfig
-from converters.tensors import LazyTensor, Zeros, concat
+from converters.tensors import FileRange, LazyTensor, Zeros, concat
 
 
 def split(tensor: LazyTensor, dim: int, rank: int, parts: int) -> LazyTensor:
@@ -93,3 +95,34 @@ def qkv_for_rank(qkv: LazyTensor, cfg: ModelConfig, rank: int, parts: int) -> La
     keys = [(g * group_rows + q * d, d) for g in groups]
     values = [(g * group_rows + (q + 1) * d, d) for g in groups]
     return _gather_rows(qkv, query + keys + values)
+
+
+class _Unsqueeze0(LazyTensor):
+    """A view with a leading dimension of size 1 added (one entry of a stacked tensor)."""
+
+    def __init__(self, inner: LazyTensor) -> None:
+        self.inner = inner
+        self.shape = (1, *inner.shape)
+        self.dtype = inner.dtype
+
+    def narrow(self, dim: int, start: int, length: int) -> LazyTensor:
+        self._check_narrow(dim, start, length)
+        if dim == 0:
+            return self if length == 1 else Zeros((0, *self.inner.shape), self.dtype)
+        return _Unsqueeze0(self.inner.narrow(dim - 1, start, length))
+
+    def materialize(self) -> torch.Tensor:
+        return self.inner.materialize().unsqueeze(0)
+
+    def file_ranges(self) -> list[FileRange]:
+        return self.inner.file_ranges()
+
+    @property
+    def source_nbytes(self) -> int:
+        return self.inner.source_nbytes
+
+
+def stack0(parts: list[LazyTensor]) -> LazyTensor:
+    """`torch.stack(parts)` lazily: a row-wise join of one-entry views, so the writer reads and
+    writes one part (one expert) at a time."""
+    return concat([_Unsqueeze0(part) for part in parts], 0)

@@ -71,11 +71,15 @@ class ConvertSpec:
     # NaN/infinite weights: "warn" (listed in each rank's result) or "error" (the rank fails).
     nonfinite: str = "warn"
     verify: bool = False  # run `porter verify` on the export before publishing
+    moe_ep: int = 1  # MoE: expert-parallel ranks inside the target TP group (moe_tp = tp / moe_ep)
 
     def __post_init__(self) -> None:
         check_source_spec(self, KIND)
         check_int(self.tp, "tp", 1, MAX_PARALLEL)
         check_int(self.pp, "pp", 1, MAX_PARALLEL)
+        check_int(self.moe_ep, "moe_ep", 1, MAX_PARALLEL)
+        if self.tp % self.moe_ep:
+            raise InvalidSpec(f"moe_ep={self.moe_ep} does not divide tp={self.tp}")
         if self.tp * self.pp > MAX_PARALLEL:
             raise InvalidSpec(f"tp x pp = {self.tp * self.pp} ranks (at most {MAX_PARALLEL})")
         check_bool(self.parallel_embedding, "parallel_embedding")
@@ -91,6 +95,7 @@ class ConvertSpec:
             dtype=self.dtype,
             parallel_embedding=self.parallel_embedding,
             nonfinite=self.nonfinite,
+            moe_ep=self.moe_ep,
         )
 
     def to_dict(self) -> dict:
@@ -99,6 +104,8 @@ class ConvertSpec:
             del data["nonfinite"]
         if not data["verify"]:  # likewise
             del data["verify"]
+        if data["moe_ep"] == 1:  # likewise
+            del data["moe_ep"]
         return data
 
     @classmethod
@@ -234,6 +241,13 @@ def _add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--parallel-embedding", action="store_true", help="split the vocab embedding over TP ranks"
     )
+    parser.add_argument(
+        "--moe-ep",
+        type=int,
+        default=1,
+        help="MoE models: expert-parallel ranks within the target TP group; each holds a "
+        "contiguous block of experts split over TP / MOE_EP ranks (default 1)",
+    )
     if command == "submit":
         parser.add_argument(
             "--engines", action="store_true", help="also build TensorRT-LLM engines (gpu workers)"
@@ -247,6 +261,7 @@ def _spec_from_args(args: argparse.Namespace) -> ConvertSpec:
         pp=args.pp,
         parallel_embedding=args.parallel_embedding,
         engines=getattr(args, "engines", False),
+        moe_ep=args.moe_ep,
     )
 
 
@@ -274,6 +289,12 @@ def _print_plan(inspected: dict[str, Any]) -> None:
         f"family {inspected['family']}, {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, {cfg['dtype']}; "
         f"source files {human(inspected['source_bytes'])}"
     )
+    if cfg.get("num_experts"):
+        print(
+            f"mixture of experts: {cfg['num_experts']} experts (top-{cfg['moe_router_topk']}), "
+            f"expert FFN {cfg['moe_ffn_hidden_size'] or cfg['ffn_hidden_size']}; expert weights "
+            f"(layer x expert) per rank: {', '.join(str(r['experts']) for r in inspected['ranks'])}"
+        )
     overhead = Settings.from_env().process_overhead_bytes
     print(f"{'rank':>4}  {'reads':>12}  {'writes':>12}  {'peak tensors':>12}  {'peak memory':>12}")
     for r in inspected["ranks"]:

@@ -7,6 +7,7 @@ from converters.errors import UnsupportedModel
 from converters.trtllm.families.base import FAMILIES, ModelFamily, register
 from converters.trtllm.families.gpt import GPTFamily
 from converters.trtllm.families.llama import LlamaFamily
+from converters.trtllm.families.mixtral import MixtralFamily
 from converters.trtllm.families.qwen2 import Qwen2Family
 from converters.trtllm.families.qwen3 import Qwen3Family
 
@@ -14,6 +15,7 @@ __all__ = [
     "FAMILIES",
     "GPTFamily",
     "LlamaFamily",
+    "MixtralFamily",
     "ModelFamily",
     "Qwen2Family",
     "Qwen3Family",
@@ -26,6 +28,8 @@ def family_for(cfg) -> ModelFamily:
     """The registered family that accepts `cfg` (their acceptance rules do not overlap)."""
     reasons = []
     for family in FAMILIES.values():
+        if family.mixture_of_experts != cfg.is_moe:
+            continue
         reason = family.rejects(cfg)
         if reason is None:
             return family

@@ -23,6 +23,8 @@ class ModelFamily(ABC):
 
     name: ClassVar[str]
     architecture: ClassVar[str]
+    # Families for mixture-of-experts models and those for dense ones never take each other's.
+    mixture_of_experts: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod

@@ -73,6 +73,28 @@ def test_cli_bad_input(trtllm_export, tmp_path, capsys):
     assert str(unfinished) in err and "unfinished export: no manifest.json" in err
 
 
+def test_cli_cross_check_with_transformers(megatron, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    source = megatron("llama31").paths[TP2]
+    out = tmp_path / "hf"
+    assert main(["convert", "megatron-hf", str(source), str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(source), str(out), "--cross-check", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    checked = report["cross_check"]
+    assert checked["ok"] and "through transformers" in checked["export"]
+    assert len(checked["stages"]) == 6 and 0 < max(s["relative"] for s in checked["stages"]) < 1e-5
+
+    config = json.loads((out / "config.json").read_text())  # drop the rope scaling
+    config["rope_scaling"] = None
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_theta"]}
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["verify", str(source), str(out), "--cross-check", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    for found in (report, report["cross_check"]):  # Porter's reading and transformers' agree
+        assert found["failure"].startswith("layer 0 (model.layers.0): attention differs")
+
+
 def test_convert_with_verify_records_the_verdict(megatron, tmp_path, capsys):
     source = megatron("qwen3").paths[TP2]
     out = tmp_path / "hf"

@@ -33,6 +33,12 @@ def add_command(commands: Any) -> None:
         help="largest relative difference accepted: auto (from the dtypes: 1e-4 when the export "
         "holds the source's values, more when it rounded them to bf16/fp16) or a number",
     )
+    parser.add_argument(
+        "--cross-check",
+        action="store_true",
+        help="Hugging Face exports: also run every layer through transformers' own modules "
+        "(when transformers is installed; dense Llama, Qwen2, Qwen3)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -54,7 +60,7 @@ def verify(args: argparse.Namespace) -> int:
     """Run the verification; exit 0 only when every stage agrees within the tolerance."""
     from tqdm import tqdm
 
-    from converters.verify import verify_export
+    from converters.verify import cross_check_export, verify_export
     from tasks.storage.verify_inputs import local_export, open_verify_source
 
     tolerance = parse_tolerance(args.tolerance)
@@ -81,22 +87,27 @@ def verify(args: argparse.Namespace) -> int:
             )
         bar.update(1)
 
+    options = {"tokens": args.tokens, "seed": args.seed, "tolerance": tolerance}
+    checked = None
     try:
         with local_export(export_uri) as directory:
-            report = verify_export(
-                source,
-                directory,
-                tokens=args.tokens,
-                seed=args.seed,
-                tolerance=tolerance,
-                on_stage=on_stage,
-            )
+            report = verify_export(source, directory, on_stage=on_stage, **options)
+            if args.cross_check:
+                if not args.json:
+                    bar.write("cross-check: transformers computes each layer of the export")
+                bar.reset(total=source.config.num_layers + 2)
+                checked = cross_check_export(source, directory, on_stage=on_stage, **options)
     finally:
         bar.close()
     report.export = export_uri
+    if args.cross_check and checked is None:
+        print("porter: transformers is not installed: no cross-check", file=sys.stderr)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    failure = report.failure()
+        data = report.to_dict()
+        if checked is not None:
+            data["cross_check"] = checked.to_dict()
+        print(json.dumps(data, indent=2))
+    failure = report.failure() or (checked.failure() if checked else None)
     if failure:
         print(f"porter: verification failed: {failure}", file=sys.stderr)
         return 1
@@ -104,5 +115,6 @@ def verify(args: argparse.Namespace) -> int:
         print(
             f"verified: {export_uri} computes what {source_uri} computes "
             f"({len(report.tokens)} tokens, seed {args.seed}, tolerance {report.tolerance:g})"
+            + ("; transformers' own layers agree" if checked else "")
         )
     return 0

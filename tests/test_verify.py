@@ -242,15 +242,16 @@ def test_swapped_kv_heads_in_an_hf_export(export, tmp_path):
     assert "first differing: v (" in failure and "model.layers.0.self_attn.v_proj" in failure
 
 
+def drop_rope_scaling(config: dict) -> None:
+    """What an exporter that forgets Llama-3.1 scaling writes (both spellings transformers reads)."""
+    config["rope_scaling"] = None
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_theta"]}
+
+
 def test_dropped_rope_scaling(export, tmp_path):
     source, out = export("llama31", TP2, "hf")
     bad = copy(out, tmp_path)
-
-    def drop(config):
-        config["rope_scaling"] = None
-        config["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_theta"]}
-
-    edit_config(bad, drop)
+    edit_config(bad, drop_rope_scaling)
     failure = run(source, bad).failure()  # 16 tokens are enough to feel it
     assert failure.startswith("layer 0 (model.layers.0): attention differs")
     assert "first differing: q (normed, rotated)" in failure and "rotary settings" in failure

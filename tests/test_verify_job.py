@@ -19,6 +19,7 @@ from tasks.kinds.megatron_trtllm import ConvertSpec
 from tasks.kinds.verify_step import VerificationFailed
 from tasks.triggers.profiles import parse_profiles
 from tests.test_distributed import download, upload
+from tests.test_verify import drop_rope_scaling, edit_config
 
 TP2 = Layout("legacy", 2, 1)
 
@@ -85,10 +86,7 @@ def test_cli_cross_check_with_transformers(megatron, tmp_path, capsys):
     assert checked["ok"] and "through transformers" in checked["export"]
     assert len(checked["stages"]) == 6 and 0 < max(s["relative"] for s in checked["stages"]) < 1e-5
 
-    config = json.loads((out / "config.json").read_text())  # drop the rope scaling
-    config["rope_scaling"] = None
-    config["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_theta"]}
-    (out / "config.json").write_text(json.dumps(config))
+    edit_config(out, drop_rope_scaling)
     assert main(["verify", str(source), str(out), "--cross-check", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     for found in (report, report["cross_check"]):  # Porter's reading and transformers' agree

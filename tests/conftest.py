@@ -77,6 +77,18 @@ FIXTURE_SETS: dict[str, tuple[str, tuple[Layout, ...], dict]] = {
         {"seq_len": HF_SEQ_LEN, "overrides": {"expert_layout": "legacy_grouped"}},
     ),
     "qwen3_moe": ("qwen3_moe", MOE_SMALL_LAYOUTS, {"seq_len": HF_SEQ_LEN}),
+    # Qwen3-MoE with softmax before top-k (HF norm_topk_prob false), and with a dense first
+    # layer (HF mlp_only_layers).
+    "qwen3_moe_presoftmax": (
+        "qwen3_moe",
+        (Layout("legacy", 2, 1, 2),),
+        {"seq_len": HF_SEQ_LEN, "overrides": {"moe_router_pre_softmax": True}},
+    ),
+    "qwen3_moe_mixed": (
+        "qwen3_moe",
+        (Layout("legacy", 1, 1), Layout("torch_dist", 2, 1, 2)),
+        {"seq_len": HF_SEQ_LEN, "overrides": {"moe_layer_freq": [0, 1]}},
+    ),
     # A dense first layer (moe_layer_freq [0, 1, 1]) and shared experts (2 x 32).
     "moe_mixed_shared": ("moe_mixed_shared", MOE_SMALL_LAYOUTS, {"seq_len": HF_SEQ_LEN}),
     # Zero-centred norm weights (megatron-core 0.16's layernorm_zero_centered_gamma).

@@ -348,3 +348,18 @@ def test_rank_steps_sent_to_the_broker_write_nothing_they_should_not(cluster, me
     assert outcome.get("state") == "FAILED" and "another conversion" in outcome["error"], outcome
     after = {key: (store.stat(key), (published / key).stat().st_mtime_ns) for key in store.list()}
     assert after == before
+
+
+def test_an_iteration_outside_the_allowed_sources_is_refused_before_it_is_looked_at(
+    megatron, tmp_path, monkeypatch
+):
+    """Under allow-lists, whether `<root>/iter_N` exists is never probed outside them."""
+    root = _root_with_two_iterations(tmp_path / "run", megatron)
+    monkeypatch.setenv("PORTER_ALLOWED_SOURCES", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("PORTER_ALLOWED_OUTPUTS", "/x")
+    monkeypatch.delenv("PORTER_ALLOW_ANY_LOCATION", raising=False)
+    batch = tmp_path / "batch.yaml"
+    for iteration in (3000, 4000):  # one exists, one does not: the same refusal
+        batch.write_text(f"- {{source: {root}, iteration: {iteration}, output: /x/a, tp: 1}}\n")
+        with pytest.raises(ConversionError, match="outside PORTER_ALLOWED_SOURCES"):
+            read_batch(batch)

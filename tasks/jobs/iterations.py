@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.jobs.checks import InvalidSpec, check_location, show
+from tasks.jobs.locations import check_source
 from tasks.jobs.specs import JobSpec, parse_spec
 from tasks.kinds import DEFAULT_KIND, kind_named
 from tasks.storage.store import open_store
@@ -63,6 +64,7 @@ def checkpoint_at(checkpoint: Any, iteration: Any) -> tuple[str, str]:
     check_location(checkpoint, "checkpoint")
     if not checkpoint.startswith(("s3://", "/")):
         raise InvalidSpec(f"checkpoint {show(checkpoint)} must be an s3:// URI or an absolute path")
+    check_source(checkpoint, "checkpoint")  # before it is looked at: a 403 tells nothing
     base = checkpoint.rstrip("/")
     named = _label_of_dir(base.rsplit("/", 1)[-1])
     if named is not None:

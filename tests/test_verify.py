@@ -192,6 +192,22 @@ def test_hf_moe_exports_verify_clean(export, fixture, layout):
     assert max(s.relative for s in report.stages) < 1e-5
 
 
+@pytest.mark.parametrize(
+    "fixture, layout, options",
+    [
+        ("mixtral", Layout("legacy", 2, 1, 2), {"tp": 2}),
+        ("mixtral", Layout("torch_dist", 2, 1, 2), {"tp": 2, "moe_ep": 2}),
+        ("mixtral", Layout("legacy", 1, 2), {"tp": 4, "moe_ep": 2, "pp": 2}),
+        ("mixtral_presoftmax", Layout("legacy", 2, 1, 2), {"tp": 2, "moe_ep": 2}),
+    ],
+    ids=["tp2", "dist-ep2", "tp4-ep2-pp2", "presoftmax"],
+)
+def test_trtllm_moe_exports_verify_clean(export, fixture, layout, options):
+    source, out = export(fixture, layout, "trtllm", **options)
+    report = run(source, out)
+    assert report.ok, report.failure()
+
+
 # ── seeded defects are caught and located ─────────────────────────────────────────────────────
 
 
@@ -307,6 +323,16 @@ def test_zeroed_expert(export, tmp_path):
     assert failure.startswith("layer 1 (model.layers.1): MLP, expert 2 differs")
     assert "first differing: expert 2" in failure
     assert "model.layers.1.block_sparse_moe.experts.2" in failure
+
+
+def test_zeroed_expert_in_a_trtllm_rank_file(export, tmp_path):
+    source, out = export("mixtral", Layout("legacy", 2, 1, 2), "trtllm", tp=2, moe_ep=2)
+    bad = copy(out, tmp_path)
+    name = "transformer.layers.0.mlp.proj.weight"  # EP rank 1 holds experts 2 and 3
+    edit_tensors(bad / "rank1.safetensors", lambda t: t[name][1].zero_())
+    failure = run(source, bad).failure()
+    assert failure.startswith("layer 0 (transformer.layers.0 in rank0..rank1.safetensors): MLP, ")
+    assert "expert 3 differs" in failure and "[1] in rank(s) [1]" in failure
 
 
 def test_an_expert_no_token_picks_is_still_compared(export, tmp_path):

@@ -18,8 +18,15 @@ from converters.verify import layers
 from converters.verify.files import BadExport, TensorFiles
 from converters.verify.model_math import ModelMath, RopeScaling
 from converters.verify.side import LOGIT_ROWS, Part, Side, Trace, gather, rotary
+from converters.verify.trtllm_moe import moe_part, moe_split, trtllm_moe
 
-ARCHITECTURES = ("GPTForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+ARCHITECTURES = (
+    "GPTForCausalLM",
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "MixtralForCausalLM",
+)
 _ACTS = {"silu": ("silu", False), "swiglu": ("silu", True), "gelu": ("gelu", False)}
 _ACTS |= {"geglu": ("gelu", True), "relu": ("relu", False), "gelu_new": ("gelu", False)}
 
@@ -80,12 +87,7 @@ def trtllm_math(cfg: dict[str, Any], path: Path) -> tuple[ModelMath, _Biases]:
         attn = bool(cfg.get("attn_bias", False))
         dense = attn and arch != "Qwen2ForCausalLM"
         biases = _Biases(attn, dense, bool(cfg.get("mlp_bias", False)), False)
-    if (cfg.get("moe") or {}).get("num_experts") or cfg.get("moe_num_experts"):
-        raise BadExport(
-            "mixture-of-experts TensorRT-LLM exports are not verified yet (the Hugging Face "
-            "layout's are)",
-            path,
-        )
+    moe = trtllm_moe(cfg, path)
     quant = cfg.get("quantization") or {}
     if quant.get("quant_algo") or quant.get("kv_cache_quant_algo"):
         raise BadExport(f"quantized exports are not verified ({quant})", path)
@@ -95,7 +97,7 @@ def trtllm_math(cfg: dict[str, Any], path: Path) -> tuple[ModelMath, _Biases]:
         heads=heads,
         groups=int(cfg.get("num_key_value_heads") or heads),
         head_dim=head_dim,
-        ffn=int(_need(cfg, "intermediate_size", path)),
+        ffn=0 if moe else int(_need(cfg, "intermediate_size", path)),
         vocab=int(_need(cfg, "vocab_size", path)),
         norm="LayerNorm" if gpt else "RMSNorm",
         eps=float(cfg.get("norm_epsilon", 1e-5)),
@@ -107,6 +109,7 @@ def trtllm_math(cfg: dict[str, Any], path: Path) -> tuple[ModelMath, _Biases]:
         rope_dim=rope_dim,
         rope_scaling=_rope_scaling(cfg.get("rotary_scaling"), path),
         qk_norm=bool(cfg.get("qk_layernorm", False)),
+        moe=moe,
     )
     return math, biases
 
@@ -124,6 +127,7 @@ class TrtllmSide(Side):
         if int(mapping.get("world_size", world)) != world:
             raise BadExport(f"mapping.world_size is not tp_size x pp_size ({mapping})", path)
         m = self.math
+        self.moe_split = moe_split(cfg, m, self.tp, path) if m.moe else (1, 1)
         for what, total, parts in (
             ("num_attention_heads", m.heads, self.tp),
             ("intermediate_size", m.ffn, self.tp),
@@ -275,6 +279,8 @@ class TrtllmSide(Side):
     def mlp(self, layer: int, h: torch.Tensor) -> Part:
         m, b = self.math, self.biases
         files, p, where = self._stage(layer)
+        if m.is_moe_layer(layer):
+            return moe_part(files, p, where, h, m, self.moe_split)
         # TensorRT-LLM's `mlp.fc` is the activated input (Megatron's gate), `mlp.gate` the multiplier.
         stored = {"gate": "fc", "up": "gate", "fc": "fc"}
         traces: dict[str, list[torch.Tensor]] = {}

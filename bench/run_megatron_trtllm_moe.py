@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -115,6 +116,7 @@ def write_source(root: Path) -> list[Path]:
 
 
 def run(scratch: Path, rounds: int) -> dict:
+    load = [os.getloadavg()[0]]
     source = scratch / "source"
     files = write_source(source)
     source_bytes = sum(f.stat().st_size for f in files)
@@ -142,6 +144,7 @@ def run(scratch: Path, rounds: int) -> dict:
         "mapping": config["mapping"],
         "moe": config["moe"],
         "runs": {k: [list(r) for r in v] for k, v in results.items()},
+        "load": [*load, os.getloadavg()[0]],
     }
 
 
@@ -170,6 +173,27 @@ def report(res: dict, mach: dict) -> str:
             f"| {label} | {wall:.2f} | {wall / copy:.2f} | {peak / 2**20:.0f} MiB | "
             f"{peak / source:.2f} |"
         )
+    one = res["runs"]["porter --workers 1"]
+    wall, peak = statistics.median(w for w, _ in one), max(p for _, p in one)
+    load = ", ".join(f"{v:.1f}" for v in res.get("load", []))
+    lines += [
+        "",
+        "| target (issue 13) | met | measured (--workers 1) |",
+        "|---|---|---|",
+        f"| peak memory < 0.6× the source | {'yes' if peak < 0.6 * source else '**no**'} | "
+        f"{peak / source:.2f}× |",
+        f"| within 2× of the copy bound | {'yes' if wall <= 2 * copy else '**no**'} | "
+        f"{wall:.2f} s vs {copy:.2f} s ({wall / copy:.2f}×) |",
+        "",
+        f"- Load average (1 min) sampled during the runs: {load or '?'} on "
+        f"{mach.get('cores', '?')} cores.",
+        "- Wall times of each round (s): "
+        + "; ".join(
+            f"{'copy bound' if k == 'copy' else k}: {', '.join(f'{w:.2f}' for w, _ in v)}"
+            for k, v in res["runs"].items()
+        )
+        + ".",
+    ]
     return "\n".join(lines)
 
 
@@ -178,14 +202,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--scratch", type=Path, default=None)
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "PERFORMANCE.md")
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=Path, help="also write every measurement here")
+    ap.add_argument("--from-json", type=Path, help="re-render a --json file without running")
     a = ap.parse_args(argv)
-    scratch = Path(tempfile.mkdtemp(prefix="porter-moe-bench-", dir=a.scratch))
-    try:
-        res = run(scratch, a.rounds)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    mach = machine()
+    if a.from_json:
+        res = json.loads(a.from_json.read_text())
+        mach = res.pop("machine")
+    else:
+        scratch = Path(tempfile.mkdtemp(prefix="porter-moe-bench-", dir=a.scratch))
+        try:
+            res = run(scratch, a.rounds)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        mach = machine()
     if a.json:
         a.json.write_text(json.dumps({"machine": mach, **res}, indent=2))
     text = report(res, mach)

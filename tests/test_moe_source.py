@@ -17,6 +17,7 @@ import torch
 from converters.errors import CorruptCheckpoint, UnsupportedModel
 from converters.megatron import names
 from converters.megatron.layout import open_checkpoint
+from converters.megatron.rank_dirs import rank_dir_name, rank_key
 from converters.model import ModelConfig
 from tests.conftest import MOE_LAYOUTS
 from tests.test_bad_input import rewrite
@@ -153,3 +154,13 @@ def test_moe_args_without_expert_weights_are_refused(megatron, tmp_path):
     rewrite(path, lambda payload: setattr(payload["args"], "num_experts", 8))
     with pytest.raises(CorruptCheckpoint, match=r"mixture-of-experts .num_experts=8.*router"):
         open_checkpoint(root)
+
+
+def test_a_lone_three_digit_part_means_what_the_args_say():
+    """mp_rank_00_001: PP rank 1 when PP > 1, EP rank 1 when EP > 1; both parts with both."""
+    assert rank_key((0, 1), 2, 1) == (0, 1, 0)
+    assert rank_key((0, 1), 1, 2) == (0, 0, 1)
+    assert rank_key((1, 2, 3), 4, 4) == (1, 2, 3)
+    assert rank_key((0, 1), 1, 1) is None and rank_key((0,), 2, 1) is None
+    assert rank_dir_name(1, 2, 3, (4, 4)) == "mp_rank_01_002_003"
+    assert rank_dir_name(1, 0, 3, (1, 4)) == "mp_rank_01_003"

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import torch
 
-from converters.megatron.example_moe import MOE_DEFAULTS, MOE_FAMILIES, is_moe
+from converters.megatron.example_moe import MOE_DEFAULTS, is_moe, moe_families
 
 __all__ = [
     "FAMILIES",
@@ -186,7 +186,7 @@ FAMILIES["starcoder"] = {
 }
 
 
-FAMILIES |= MOE_FAMILIES
+FAMILIES |= moe_families(_LLAMA_STYLE)
 
 # --------------------------------------------------------------------------------------------
 # Public API

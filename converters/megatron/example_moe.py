@@ -31,49 +31,40 @@ MOE_DEFAULTS: dict[str, Any] = {
     "expert_layout": "sequential",
 }
 
-# A Mixtral-style model: every layer MoE, 4 experts of FFN 48 (≠ ffn_hidden_size: fine-grained),
-# top-2, softmax after top-k. Weights large enough (init_method_std) for routing to matter.
-_MIXTRAL = {
-    "num_layers": 2,
-    "hidden_size": 32,
-    "num_attention_heads": 4,
-    "num_query_groups": 2,
-    "kv_channels": 8,
-    "ffn_hidden_size": 64,
-    "padded_vocab_size": 70,
-    "max_position_embeddings": 64,
-    "normalization": "RMSNorm",
-    "swiglu": True,
-    "position_embedding_type": "rope",
-    "rotary_base": 10000,
-    "rotary_percent": 1.0,
-    "untie_embeddings_and_output_weights": True,
-    "add_bias_linear": False,
-    "add_qkv_bias": False,
-    "norm_epsilon": 1e-5,
-    "apply_layernorm_1p": False,
-    "init_method_std": 0.1,
-    "random_biases_and_norms": True,
-    "num_experts": 4,
-    "moe_router_topk": 2,
-    "moe_ffn_hidden_size": 48,
-}
 
-MOE_FAMILIES: dict[str, dict[str, Any]] = {
-    "mixtral": _MIXTRAL,
-    # Softmax before top-k (TensorRT-LLM's normalization mode NONE, HF norm_topk_prob=False).
-    "mixtral_presoftmax": {**_MIXTRAL, "moe_router_pre_softmax": True},
-    # Qwen3-MoE: q/k norms, explicit head size, top-k renormalised.
-    "qwen3_moe": {**_MIXTRAL, "qk_layernorm": True, "kv_channels": 16, "rotary_base": 1000000},
-    # DeepSeek / Qwen2-MoE-like: a dense first layer (moe_layer_freq list: torch_dist then stores
-    # per-layer keys), shared experts of 2 x 32 (no gate).
-    "moe_mixed_shared": {
-        **_MIXTRAL,
-        "num_layers": 3,
-        "moe_layer_freq": [0, 1, 1],
-        "moe_shared_expert_intermediate_size": 64,
-    },
-}
+def moe_families(llama_style: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The MoE example families, built on the Llama-style dense settings `llama_style`."""
+    # A Mixtral-style model: every layer MoE, 4 experts of FFN 48 (≠ ffn_hidden_size: fine-
+    # grained), top-2, softmax after top-k. Weights large enough for routing to matter.
+    mixtral = {
+        **llama_style,
+        "num_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+        "kv_channels": 8,
+        "ffn_hidden_size": 64,
+        "padded_vocab_size": 70,
+        "num_experts": 4,
+        "moe_router_topk": 2,
+        "moe_ffn_hidden_size": 48,
+    }
+    return {
+        "mixtral": mixtral,
+        # Softmax before top-k (TensorRT-LLM's normalization mode NONE, HF norm_topk_prob=False).
+        "mixtral_presoftmax": {**mixtral, "moe_router_pre_softmax": True},
+        # Qwen3-MoE: q/k norms, explicit head size, top-k renormalised.
+        "qwen3_moe": {**mixtral, "qk_layernorm": True, "kv_channels": 16, "rotary_base": 1000000},
+        # DeepSeek / Qwen2-MoE-like: a dense first layer (moe_layer_freq list: torch_dist then
+        # stores per-layer keys), shared experts of 2 x 32 (no gate).
+        "moe_mixed_shared": {
+            **mixtral,
+            "num_layers": 3,
+            "moe_layer_freq": [0, 1, 1],
+            "moe_shared_expert_intermediate_size": 64,
+        },
+    }
+
 
 _EXPERT_KEY = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.)local_experts\.(\d+)\.(.+)$")
 

@@ -186,3 +186,23 @@ def test_moe_ep_must_fit(megatron, tmp_path, capsys):
     dense = megatron("llama").paths[MOE_LAYOUTS[0]]
     code, err = run_convert(capsys, dense, tmp_path / "c", "--tp", "2", "--moe-ep", "2")
     assert_failed_cleanly(code, err, tmp_path / "c", "needs a mixture-of-experts model")
+
+
+@pytest.mark.parametrize("fixture", ["mixtral", "mixtral_legacy_grouped"])
+def test_rank_from_s3_fetches_its_experts_only(megatron, s3_env, tmp_path, fixture):
+    """From S3 (legacy TP2 EP2): each rank's file equals the local conversion, and a rank that
+    holds half the experts fetches well under the whole checkpoint."""
+    from tasks.storage import mirror, sources
+    from tests.test_sources import converted, object_bytes, upload
+
+    root = megatron(fixture).paths[MOE_LAYOUTS[3]]
+    uri = upload(s3_env, root, "ckpt")
+    local = open_checkpoint(root)
+    target = Target(tp=2, moe_ep=2)
+    for rank in range(2):
+        cache = tmp_path / f"cache{rank}"
+        source, stats = sources.open_source_for_rank(uri, target, rank, cache, coalesce_gap=0)
+        assert isinstance(source, mirror.MirroredCheckpoint)
+        want = converted(local, target, rank, tmp_path / "local.safetensors")
+        assert converted(source, target, rank, tmp_path / "s3.safetensors") == want
+        assert stats.bytes_fetched < 0.75 * object_bytes(root), (rank, stats)

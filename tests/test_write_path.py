@@ -50,7 +50,6 @@ def test_writer_counts_nonfinite_across_chunks_and_keeps_the_bytes(tmp_path, mon
     """Chunks smaller than the tensor: every NaN/Inf is counted once (none split by a chunk edge),
     and the file and its sha256 are what one whole write gives."""
     monkeypatch.setattr(writer_module, "CHUNK_BYTES", 1001)  # not a multiple of 4 bytes
-    monkeypatch.setattr(writer_module, "MAX_HASH_LAG", 2)
     data = torch.randn(300, 7)
     data[0, 0], data[150, 3], data[299, 6] = float("nan"), float("inf"), float("-inf")
     specs = [TensorSpec("a", (300, 7), torch.float32), TensorSpec("b", (5,), torch.int32)]

@@ -6,15 +6,13 @@ says what to do: "warn" lists them in `RankResult.nonfinite` (and logs a warning
 the rank naming the tensor and the source files it was read from.
 
 Bytes that need no conversion are written straight from the memory-mapped source; a cast (or a
-copy of a strided slice) is made in blocks of rows of at most `CONVERT_BYTES`. While one tensor is
-written, the kernel is asked to read ahead the source ranges of the next (`_ReadAhead`).
+copy of a strided slice) is made in blocks of rows of at most `CONVERT_BYTES`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from converters.errors import ConversionError, NonFiniteWeights
+from converters.errors import NonFiniteWeights
 from converters.megatron.layout import SourceCheckpoint
 from converters.model import DTYPES
 from converters.tensors import Concat, LazyTensor
@@ -104,36 +102,6 @@ def write_converted(
     return {"tensor": tensor.name, "count": count, "files": files}
 
 
-class _ReadAhead:
-    """Asks the kernel to read source byte ranges into the page cache in the background
-    (`posix_fadvise(WILLNEED)`), one tensor ahead of the writer: a cold source is then read
-    while the previous tensor is written. Only a hint; a source that cannot tell its ranges, or
-    a platform without fadvise, is simply not read ahead."""
-
-    def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
-
-    def tensor(self, tensor: OutputTensor) -> None:
-        if not hasattr(os, "posix_fadvise"):
-            return
-        try:
-            ranges = tensor.source.file_ranges()
-        except (ConversionError, NotImplementedError, OSError):  # reading it will say what is wrong
-            return
-        for path, offset, length in ranges:
-            try:
-                if path not in self._fds:
-                    self._fds[path] = os.open(path, os.O_RDONLY)
-                os.posix_fadvise(self._fds[path], offset, length, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                continue
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
 def source_files(source: SourceCheckpoint, tensor: OutputTensor) -> list[str]:
     """The source files a planned tensor is read from, as the source names them (s3:// URIs for
     a mirrored source); the checkpoint itself when the reader cannot tell."""
@@ -166,23 +134,15 @@ def write_file(
     total = sum(s.nbytes for s in specs)
     done = read = 0
     nonfinite = []
-    ahead = _ReadAhead()
-    try:
-        if tensors:
-            ahead.tensor(tensors[0])
-        with SafetensorsWriter(Path(path), specs, metadata={"format": "pt"}) as writer:
-            for i, (tensor, spec) in enumerate(zip(tensors, specs, strict=True)):
-                if i + 1 < len(tensors):  # read the next tensor's bytes while this one is written
-                    ahead.tensor(tensors[i + 1])
-                if found := write_converted(writer, source, policy, tensor, spec.dtype):
-                    nonfinite.append(found)
-                read += tensor.source.source_nbytes
-                done += spec.nbytes
-                if progress:
-                    progress(done, total)
-            written = writer.close()
-    finally:
-        ahead.close()
+    with SafetensorsWriter(Path(path), specs, metadata={"format": "pt"}) as writer:
+        for tensor, spec in zip(tensors, specs, strict=True):
+            if found := write_converted(writer, source, policy, tensor, spec.dtype):
+                nonfinite.append(found)
+            read += tensor.source.source_nbytes
+            done += spec.nbytes
+            if progress:
+                progress(done, total)
+        written = writer.close()
     return written, read, nonfinite
 
 

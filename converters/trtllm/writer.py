@@ -5,9 +5,9 @@ shape and byte range, then the data. Shapes are known from the plan, so the head
 first and each tensor's bytes follow in order. The writer is a small state machine: it refuses a
 tensor out of order, of the wrong shape or dtype, and refuses to finish before all are written.
 
-Each tensor's bytes are read once: they go to the file in chunks straight from the caller's
-memory (a memory-mapped source needs no copy), a helper thread hashes each chunk while the next is
-written, and the NaN/Inf check reads the chunk just written, from cache (`nonfinite_in`).
+Each tensor's bytes are read once, in chunks of CHUNK_BYTES that stay in the CPU cache: a chunk
+goes to the file straight from the caller's memory (a memory-mapped source needs no copy), a
+helper thread hashes it meanwhile, and the NaN/Inf check reads it right after (`nonfinite_in`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import hashlib
 import json
 import os
 import struct
-from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -39,8 +38,7 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-CHUNK_BYTES = 4 << 20  # written, hashed and checked at once (stays in cache between the three)
-MAX_HASH_LAG = 8  # chunks the hashing thread may be behind (each holds its memory until hashed)
+CHUNK_BYTES = 4 << 20  # written, hashed and checked at once (stays in cache for the three)
 WRITEBACK_BYTES = 64 << 20  # start writing dirty pages to disk after this many (see _Writeback)
 
 # IEEE formats: a value is NaN or ±inf exactly when its exponent bits are all ones, i.e. when its
@@ -125,7 +123,6 @@ class SafetensorsWriter:
         self._next = 0
         self._hash = hashlib.sha256()
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
-        self._hashing: deque[Future[None]] = deque()
         self._bytes = 0
         header: dict[str, object] = {}
         if metadata:
@@ -145,26 +142,20 @@ class SafetensorsWriter:
         self._emit(memoryview(struct.pack("<Q", len(encoded)) + encoded), None)
 
     def _emit(self, data: memoryview, check: torch.dtype | None) -> int:
-        """Write `data` chunk by chunk, each hashed on the helper thread (at most MAX_HASH_LAG
-        chunks behind); returns the NaN/Inf values in it when `check` names its dtype."""
+        """Write `data` chunk by chunk, each hashed on the helper thread while this one writes and
+        checks it; returns the NaN/Inf values in it when `check` names its dtype."""
         bad = 0
         step = CHUNK_BYTES - CHUNK_BYTES % (check.itemsize if check else 1)
         for start in range(0, len(data), step):
             chunk = data[start : start + step]
-            self._hashing.append(self._hasher.submit(self._hash.update, chunk))
+            hashing = self._hasher.submit(self._hash.update, chunk)
             self._file.write(chunk)
             if check is not None:
                 bad += nonfinite_in(chunk, check)
             self._bytes += len(chunk)
             self._writeback.written(self._bytes)
-            while len(self._hashing) > MAX_HASH_LAG:
-                self._hashing.popleft().result()
+            hashing.result()
         return bad
-
-    def _hashed(self) -> None:
-        """Wait until every chunk written so far is hashed (its memory may then be released)."""
-        while self._hashing:
-            self._hashing.popleft().result()
 
     def write(self, name: str, tensor: torch.Tensor, check_nonfinite: bool = False) -> int:
         """Append the next tensor; its name, shape and dtype must match the declared spec
@@ -213,7 +204,6 @@ class SafetensorsWriter:
             rows += shape[0] if shape else 1
             data = piece.contiguous().reshape(-1).view(torch.uint8).numpy()
             bad += self._emit(memoryview(data), check)
-        self._hashed()
         if rows != (spec.shape[0] if spec.shape else 1):
             raise RuntimeError(f"{self.path}: {name} has {rows} rows, declared {spec.shape}")
         self._next += 1
@@ -221,7 +211,6 @@ class SafetensorsWriter:
 
     def close(self) -> WrittenFile:
         """Flush to disk and return the file's size and sha256; fails if tensors are missing."""
-        self._hashed()
         self._hasher.shutdown()
         if self._next != len(self.specs):
             self._file.close()
@@ -243,7 +232,5 @@ class SafetensorsWriter:
         tb: TracebackType | None,
     ) -> None:
         if exc_type is not None and not self._file.closed:
-            for hashing in self._hashing:
-                hashing.cancel()
             self._hasher.shutdown()
             self._file.close()

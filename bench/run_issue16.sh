@@ -39,7 +39,7 @@ if step ablation; then
   say "write path, one change undone at a time (warm page cache, then cold source)"
   $PY bench/write_path_ablation.py "$TMP/src" "$TMP/ablation" --rounds "$ROUNDS" > "$OUT/ablation.txt"
   $PY bench/write_path_ablation.py "$TMP/src" "$TMP/ablation" --rounds 3 --cold \
-      --variants now no-readahead > "$OUT/ablation-cold.txt"
+      --variants now one-chunk > "$OUT/ablation-cold.txt"
 fi
 
 if step trt1; then

@@ -1,7 +1,8 @@
 """Start-up of the light `porter` commands: `porter --help`, `porter status JOB`, `porter jobs`
 (wall time from process start to exit, median and best of --runs), against a redis-server this
 script starts on a free loopback port; with --before DIR, the same commands run from another
-checkout (e.g. a `git worktree` of an earlier commit) alternate with this one's.
+checkout (e.g. a `git worktree` of an earlier commit) alternate with this one's. The row
+`python -c pass` (the interpreter alone, with this virtualenv's site) is the floor.
 
 Usage: python bench/run_cli_startup.py [--runs 10] [--before DIR]
 Prints a markdown table, and a JSON summary as its last line.
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         records.create(job, "megatron-trtllm", {"source": "/c", "output": "/o", "tp": 2, "pp": 1})
         records.finish(job, "SUCCEEDED")
         commands = {
+            "python -c pass": None,
             "porter --help": ["--help"],
             "porter status JOB": ["status", job],
             "porter jobs": ["jobs"],
@@ -72,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             for label, args in commands.items():
                 for tree, path in trees.items():
                     env = dict(os.environ, PORTER_REDIS_URL=url, PYTHONPATH=str(path))
-                    cmd = [sys.executable, "-m", "tasks.cli", *args]
+                    if args is None and tree != "now":
+                        continue
+                    cmd = [sys.executable, "-c", "pass"] if args is None else []
+                    cmd = cmd or [sys.executable, "-m", "tasks.cli", *args]
                     times.setdefault((label, tree), []).append(_timed(cmd, path, env))
     finally:
         proc.terminate()
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     for label in commands:
         cells = []
         for tree in trees:
-            t = times[(label, tree)]
+            t = times.get((label, tree), times[(label, "now")])
             cells += [f"{statistics.median(t):.2f}", f"{min(t):.2f}"]
         print(f"| `{label}` | " + " | ".join(cells) + " |")
     summary = {

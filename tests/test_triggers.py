@@ -286,7 +286,7 @@ def test_post_jobs_needs_the_token_and_dedups(service, cluster, s3_env, megatron
     assert record["state"] == "SUCCEEDED"
     listed = request(f"{service}/v1/jobs?state=SUCCEEDED&limit=1000")[1]
     assert created["id"] in [r["id"] for r in listed]
-    assert request(f"{service}/v1/jobs?model=gpt-small")[1] == [
+    assert request(f"{service}/v1/jobs?model=gpt-small&limit=1000")[1] == [
         r for r in request(f"{service}/v1/jobs?limit=1000")[1] if r["model"] == "gpt-small"
     ]
     # a succeeded job cannot be cancelled or retried: 422 with the reason

@@ -12,12 +12,18 @@ def records(redis_url: str) -> JobRecords:
     return JobRecords(redis_url, ttl=60)
 
 
+def own_database(redis_url: str) -> str:
+    """A database of these tests' own: the RUNNING jobs they leave behind must not show in the
+    metrics other tests scrape from the session's Redis (database 0)."""
+    return redis_url.rsplit("/", 1)[0] + "/9"
+
+
 def new_job() -> str:
     return f"megatron-trtllm-{uuid.uuid4().hex[:16]}"
 
 
 def test_create_once_and_values_keep_their_types(redis_url):
-    rec, job = records(redis_url), new_job()
+    rec, job = records(own_database(redis_url)), new_job()
     assert rec.create(job, "megatron-trtllm", {"tp": 2}, output="s3://b/o")
     assert not rec.create(job, "megatron-trtllm", {"tp": 4})  # second submit: same record
     rec.step(job, "reshard:0", state="FAILED", error="123", sha256="0123", done=5)
@@ -28,7 +34,7 @@ def test_create_once_and_values_keep_their_types(redis_url):
 
 
 def test_first_failure_wins_and_cancel_is_final(redis_url):
-    rec, job = records(redis_url), new_job()
+    rec, job = records(own_database(redis_url)), new_job()
     rec.create(job, "megatron-trtllm", {})
     rec.start(job)
     assert job in rec.running_jobs()
@@ -45,7 +51,7 @@ def test_first_failure_wins_and_cancel_is_final(redis_url):
 
 
 def test_stale_steps_are_those_without_a_recent_heartbeat(redis_url):
-    rec, job = records(redis_url), new_job()
+    rec, job = records(own_database(redis_url)), new_job()
     rec.create(job, "megatron-trtllm", {})
     rec.start(job)
     rec.step(job, "reshard:0", state="RUNNING", heartbeat=time.time() - 100)
@@ -56,7 +62,7 @@ def test_stale_steps_are_those_without_a_recent_heartbeat(redis_url):
 
 
 def test_index_forgets_expired_jobs(redis_url):
-    rec, job = records(redis_url), new_job()
+    rec, job = records(own_database(redis_url)), new_job()
     rec.create(job, "megatron-trtllm", {})
     assert job in rec.job_ids(1000)
     rec.redis.delete(f"porter:job:{job}")
@@ -67,7 +73,7 @@ def test_index_forgets_expired_jobs(redis_url):
 def test_a_finished_fan_out_without_its_chord_body_is_found(redis_url):
     from tasks.ops.reaper import stalled_chords
 
-    rec, job = records(redis_url), new_job()
+    rec, job = records(own_database(redis_url)), new_job()
     rec.create(job, "megatron-trtllm", {})
     rec.start(job)
     rec.update(job, inspected={"ranks": [{}, {}]})

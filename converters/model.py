@@ -11,7 +11,7 @@ from converters.choices import DTYPE_NAMES
 
 Normalization = Literal["LayerNorm", "RMSNorm"]
 PositionEmbedding = Literal["learned_absolute", "rope"]
-Activation = Literal["gelu", "silu"]
+Activation = Literal["gelu", "silu", "gelu_tanh"]  # gelu_tanh: tanh-approximate GELU
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,9 @@ class ModelConfig:
     moe_layer_pattern: tuple[int, ...] = ()
     moe_shared_expert_intermediate_size: int | None = None  # all shared experts together
     moe_shared_expert_gate: bool = False  # sigmoid gate (`gate_weight` [1, H]) on their output
+    # The architecture the user declared where the args cannot say it (converters/megatron/
+    # declare.py): "gemma" = GeGLU (tanh GELU) and embeddings scaled by sqrt(hidden) at run time.
+    architecture: str | None = None
 
     def __post_init__(self) -> None:
         # Configs read back from JSON carry lists.
@@ -83,6 +86,11 @@ class ModelConfig:
     def fc1_rows(self) -> int:
         """Rows of the first MLP weight: 2F when gated, F otherwise."""
         return self.ffn_hidden_size * (2 if self.gated_mlp else 1)
+
+    @property
+    def embedding_multiplier(self) -> float | None:
+        """What the model multiplies the embedding lookup by (Gemma: sqrt(hidden)); None: 1."""
+        return self.hidden_size**0.5 if self.architecture == "gemma" else None
 
     @property
     def is_moe(self) -> bool:

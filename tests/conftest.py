@@ -97,6 +97,12 @@ FIXTURE_SETS: dict[str, tuple[str, tuple[Layout, ...], dict]] = {
         (HF_LAYOUTS[0], HF_LAYOUTS[1], HF_LAYOUTS[3]),
         {"seq_len": HF_SEQ_LEN},
     ),
+    # Gemma (declared: GeGLU, sqrt(hidden) embedding scale, zero-centred norms, head size 16).
+    "gemma": (
+        "gemma",
+        (Layout("legacy", 1, 1), Layout("legacy", 2, 1), Layout("torch_dist", 2, 1)),
+        {"seq_len": HF_SEQ_LEN},
+    ),
     # Multi-query attention: megatron-core writes it at TP=1 only.
     "starcoder": (
         "starcoder",

@@ -168,11 +168,19 @@ def reference_logits(
         return cfg[key]
 
     arch = need("architecture")
-    llama_style = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MixtralForCausalLM")
+    llama_style = (
+        "LlamaForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "MixtralForCausalLM",
+        "GemmaForCausalLM",
+    )
     _check(arch in ("GPTForCausalLM", *llama_style), f"unsupported architecture {arch!r}")
     is_llama = arch in llama_style
     moe = (cfg.get("moe") or {}).get("num_experts") and cfg["moe"]  # tests/trtllm_reference_moe.py
     qwen = arch.startswith("Qwen")
+    # Gemma: GeGLU with tanh GELU; the runtime scales the embedding lookup by sqrt(hidden).
+    gemma = arch == "GemmaForCausalLM"
     V = int(need("vocab_size"))
     h = int(need("hidden_size"))
     L = int(need("num_hidden_layers"))
@@ -196,7 +204,9 @@ def reference_logits(
 
     if is_llama:
         _check(pos_type == "rope_gpt_neox", f"Llama needs rope_gpt_neox, got {pos_type!r}")
-        if not moe:
+        if gemma:
+            _check(act_name == "gelu_pytorch_tanh", f"Gemma hidden_act is {act_name!r}")
+        elif not moe:
             _check(act_name == "silu", f"Llama hidden_act must be 'silu', got {act_name!r}")
         gated = True
         attn_bias = bool(cfg.get("attn_bias", False))
@@ -231,6 +241,10 @@ def reference_logits(
 
         def act(x):
             return F.gelu(x, approximate=gelu_approximate)
+    elif act_name == "gelu_pytorch_tanh":
+
+        def act(x):
+            return F.gelu(x, approximate="tanh")
     elif act_name == "relu":
 
         def act(x):
@@ -316,6 +330,8 @@ def reference_logits(
         return [full.clone() for _ in range(T)]
 
     xs = embed("transformer.vocab_embedding.weight", V, tokens)
+    if gemma:
+        xs = [x * math.sqrt(h) for x in xs]
     if pos_type == "learned_absolute":
         pos = embed(
             "transformer.position_embedding.weight",

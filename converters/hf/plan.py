@@ -118,7 +118,7 @@ def _rename(
         hf = "model.embed_tokens.weight" if name.startswith("transformer.") else name
         return [OutputTensor(hf, rows)]
     if name == "transformer.ln_f.weight":
-        return [OutputTensor("model.norm.weight", tensor.source, tensor.add_one)]
+        return [OutputTensor("model.norm.weight", tensor.source, _add_one(tensor, family))]
     match = _LAYER.match(name)
     if not match:
         raise UnsupportedModel(f"{name} has no Hugging Face counterpart in {family.architecture}")
@@ -133,7 +133,12 @@ def _rename(
         return []  # the zeros TensorRT-LLM's Llama wants for a model without one
     if rest not in _LAYER_NAMES:
         raise UnsupportedModel(f"{name} has no Hugging Face counterpart in {family.architecture}")
-    return [OutputTensor(f"{prefix}.{_LAYER_NAMES[rest]}", tensor.source, tensor.add_one)]
+    return [OutputTensor(f"{prefix}.{_LAYER_NAMES[rest]}", tensor.source, _add_one(tensor, family))]
+
+
+def _add_one(tensor: OutputTensor, family: type[HfFamily]) -> bool:
+    """Whether a zero-centred norm weight gets its `+1` (not where the model computes `1 + w`)."""
+    return tensor.add_one and not family.zero_centred_norms
 
 
 def _moe_block(source: SourceCheckpoint, family: type[HfFamily], layer: int) -> list[OutputTensor]:

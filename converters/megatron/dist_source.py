@@ -38,6 +38,7 @@ class DistSource:
         if word not in self._ckpt:
             raise CorruptCheckpoint(f"missing parameter {word}", self._ckpt.metadata_path)
         self.config = model_config_from_args(args, self._ckpt.dtype(word), common_path)
+        self.args_path = common_path  # named by errors about the args
         self._check_layers()
         self._check_moe_keys()
         check_moe_layer(self, common_path)

@@ -141,6 +141,8 @@ _DEFAULTS: dict[str, Any] = {
     "random_biases_and_norms": False,
     # Megatron-LM core 0.16's name for --apply-layernorm-1p (saved in args under this name only).
     "layernorm_zero_centered_gamma": False,
+    # Gemma: GeGLU (tanh GELU) and the sqrt(hidden) embedding scale (example_ranks applies both).
+    "gemma": False,
     **MOE_DEFAULTS,
 }
 
@@ -186,6 +188,17 @@ FAMILIES["starcoder"] = {
 }
 
 
+# Gemma (v1): GeGLU with tanh GELU, embeddings scaled by sqrt(hidden) (a hook on the embedding:
+# megatron-core has no such scale), zero-centred RMSNorm, tied embeddings, GQA with head size
+# 16 (128 ≠ hidden 64). The args record none of the first two: converters need the declaration.
+FAMILIES["gemma"] = {
+    **_LLAMA_STYLE,
+    "swiglu": False,
+    "gemma": True,
+    "kv_channels": 16,
+    "untie_embeddings_and_output_weights": False,
+    "layernorm_zero_centered_gamma": True,
+}
 FAMILIES |= moe_families(_LLAMA_STYLE)
 
 # --------------------------------------------------------------------------------------------

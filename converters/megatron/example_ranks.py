@@ -145,8 +145,8 @@ def _transformer_config(job: dict[str, Any], tp: int, pp: int, ep: int = 1):
         layernorm_epsilon=hp["norm_epsilon"],
         layernorm_zero_centered_gamma=_zero_centred(hp),
         qk_layernorm=hp["qk_layernorm"],
-        gated_linear_unit=hp["swiglu"],
-        activation_func=torch.nn.functional.silu if hp["swiglu"] else _gelu,
+        gated_linear_unit=hp["swiglu"] or hp["gemma"],
+        activation_func=_activation(hp),
         bias_activation_fusion=False,
         add_bias_linear=hp["add_bias_linear"],
         add_qkv_bias=hp["add_qkv_bias"],
@@ -178,6 +178,28 @@ def _zero_centred(hp: dict[str, Any]) -> bool:
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.gelu(x)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def _activation(hp: dict[str, Any]):
+    """SiLU for SwiGLU, tanh GELU for Gemma's GeGLU, exact GELU otherwise."""
+    if hp["swiglu"]:
+        return torch.nn.functional.silu
+    return _gelu_tanh if hp["gemma"] else _gelu
+
+
+def _scale_embeddings(model: torch.nn.Module, hidden: int) -> None:
+    """Gemma's sqrt(hidden) scale on the embedding output (megatron-core's GPTModel has none;
+    Megatron-Bridge adds it the same way). The weights stay unscaled."""
+    factor = hidden**0.5
+
+    def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return output * factor
+
+    model.embedding.register_forward_hook(hook)
 
 
 def _build_model(job: dict[str, Any], tp: int, pp: int, ep: int = 1):
@@ -215,6 +237,8 @@ def _build_model(job: dict[str, Any], tp: int, pp: int, ep: int = 1):
         rope_scaling=hp["use_rope_scaling"],
         rope_scaling_factor=hp["rope_scaling_factor"],
     )
+    if hp["gemma"] and model.pre_process:
+        _scale_embeddings(model, hp["hidden_size"])
     model.eval()
     return model
 

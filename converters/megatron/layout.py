@@ -99,12 +99,18 @@ def detect_format(iter_dir: Path) -> str:
     )
 
 
-def open_checkpoint(source: Path) -> SourceCheckpoint:
-    """Open a Megatron checkpoint (root, iteration directory, legacy or torch_dist) for reading."""
+def open_checkpoint(source: Path, architecture: str | None = None) -> SourceCheckpoint:
+    """Open a Megatron checkpoint (root, iteration directory, legacy or torch_dist) for reading;
+    `architecture` declares what the args cannot say (converters/megatron/declare.py)."""
+    from converters.megatron.declare import declare_source
     from converters.megatron.dist_source import DistSource
     from converters.megatron.legacy import LegacyCheckpoint
 
     iter_dir = resolve_iteration_dir(Path(source))
+    checkpoint: SourceCheckpoint
     if detect_format(iter_dir) == "torch_dist":
-        return DistSource(iter_dir)
-    return LegacyCheckpoint(iter_dir)
+        checkpoint = DistSource(iter_dir)
+    else:
+        checkpoint = LegacyCheckpoint(iter_dir)
+    declare_source(checkpoint, architecture)
+    return checkpoint

@@ -347,6 +347,7 @@ class LegacyCheckpoint:
         self.stage_layers = [self._count_layers(stage) for stage in range(self.pp)]
         dtype = self._stored_dtype(first_path)
         self.config: ModelConfig = model_config_from_args(self.args, dtype, first_path)
+        self.args_path = first_path  # named by errors about the args
         if sum(self.stage_layers) != self.config.num_layers:
             raise CorruptCheckpoint(
                 f"pipeline stages hold {self.stage_layers} layers, but args.num_layers="

@@ -41,13 +41,20 @@ def check_source_spec(spec: Any, kind: str) -> None:
     check_bool(spec.verify, "verify")
 
 
+def source_architecture(spec: Any) -> str | None:
+    """What the spec declares the source to be where its args cannot say (None: decided from
+    the args): `architecture` "gemma" (megatron-trtllm), or the Gemma class (megatron-hf)."""
+    declared = getattr(spec, "architecture", None)
+    return "gemma" if declared in ("gemma", "GemmaForCausalLM") else None
+
+
 def inspect_megatron(spec: Any, plan: Callable[[SourceCheckpoint], dict[str, Any]]) -> dict:
     """Read the source's metadata only: identity, format, model config, and what `plan(source)`
     adds (the kind's per-step plan; its errors are made to name the checkpoint)."""
     from tasks.storage import sources
 
     identity = sources.source_identity(spec.source)
-    source = sources.open_source(spec.source)
+    source = sources.open_source(spec.source, architecture=source_architecture(spec))
     try:
         planned = plan(source)
     except ConversionError as exc:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from config.queues import GPU_QUEUE
 from config.settings import Settings
-from tasks.jobs.checks import InvalidSpec, check_bool, check_fields, check_int
+from converters.megatron.declare import DECLARABLE
+from tasks.jobs.checks import InvalidSpec, check_bool, check_fields, check_int, show
 from tasks.jobs.ids import tag_digest
 from tasks.jobs.outputs import artifact_result
 from tasks.kinds import register
@@ -36,6 +37,7 @@ from tasks.kinds.megatron_source import (
     inspect_megatron,
     print_summary_head,
     put_json,
+    source_architecture,
     source_fields,
     source_identity,
     warn_nonfinite,
@@ -72,6 +74,8 @@ class ConvertSpec:
     nonfinite: str = "warn"
     verify: bool = False  # run `porter verify` on the export before publishing
     moe_ep: int = 1  # MoE: expert-parallel ranks inside the target TP group (moe_tp = tp / moe_ep)
+    # What the args cannot say (converters/megatron/declare.py): "gemma"; None = from the args.
+    architecture: str | None = None
 
     def __post_init__(self) -> None:
         check_source_spec(self, KIND)
@@ -84,6 +88,10 @@ class ConvertSpec:
             raise InvalidSpec(f"tp x pp = {self.tp * self.pp} ranks (at most {MAX_PARALLEL})")
         check_bool(self.parallel_embedding, "parallel_embedding")
         check_bool(self.engines, "engines")
+        if self.architecture is not None and self.architecture not in DECLARABLE:
+            raise InvalidSpec(
+                f"architecture {show(self.architecture)} is not one of {', '.join(DECLARABLE)}"
+            )
 
     @property
     def target(self) -> Target:
@@ -106,6 +114,8 @@ class ConvertSpec:
             del data["verify"]
         if data["moe_ep"] == 1:  # likewise
             del data["moe_ep"]
+        if data["architecture"] is None:  # likewise
+            del data["architecture"]
         return data
 
     @classmethod
@@ -146,7 +156,11 @@ def convert_rank_step(
         zero = ("bytes_read", "bytes_fetched", "bytes_cached", "peak_anon_bytes", "peak_rss_bytes")
         return {"rank": rank, "seconds": 0.0, "nonfinite": [], **dict.fromkeys(zero, 0), **done}
     source, fetched = sources.open_source_for_rank(
-        spec.source, spec.target, rank, expected_digest=tag_digest(tag)
+        spec.source,
+        spec.target,
+        rank,
+        expected_digest=tag_digest(tag),
+        architecture=source_architecture(spec),
     )
     reset_peak_rss()
     with store.scratch(key) as tmp, PeakAnonSampler() as sampler:
@@ -248,6 +262,12 @@ def _add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         help="MoE models: expert-parallel ranks within the target TP group; each holds a "
         "contiguous block of experts split over TP / MOE_EP ranks (default 1)",
     )
+    parser.add_argument(
+        "--architecture",
+        choices=DECLARABLE,
+        help="declare what the checkpoint's args cannot say: gemma (GeGLU, embeddings scaled by "
+        "sqrt(hidden)); default: decided from the args",
+    )
     if command == "submit":
         parser.add_argument(
             "--engines", action="store_true", help="also build TensorRT-LLM engines (gpu workers)"
@@ -262,6 +282,7 @@ def _spec_from_args(args: argparse.Namespace) -> ConvertSpec:
         parallel_embedding=args.parallel_embedding,
         engines=getattr(args, "engines", False),
         moe_ep=args.moe_ep,
+        architecture=args.architecture,
     )
 
 

@@ -180,9 +180,9 @@ class Mirror:
             raise CorruptCheckpoint(f"reads {path}, which is not a file of the mirror", self.dir)
         return relative
 
-    def open(self) -> SourceCheckpoint:
+    def open(self, architecture: str | None = None) -> SourceCheckpoint:
         with self.naming():
-            return MirroredCheckpoint(open_checkpoint(self.dir), self)
+            return MirroredCheckpoint(open_checkpoint(self.dir, architecture), self)
 
     def rename(self, exc: ConversionError) -> ConversionError:
         """The same error naming the s3:// URI instead of the mirror path (if it named one)."""

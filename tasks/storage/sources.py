@@ -63,17 +63,21 @@ def source_identity(uri: str) -> list[list]:
 
 
 def open_source(
-    uri: str, cache_dir: Path | None = None, *, coalesce_gap: int | None = None
+    uri: str,
+    cache_dir: Path | None = None,
+    *,
+    coalesce_gap: int | None = None,
+    architecture: str | None = None,
 ) -> SourceCheckpoint:
     """Local path → `open_checkpoint(path)`. s3:// → a sparse mirror under `cache_dir` holding
     only metadata bytes (enough for config, shapes and estimates); no weights are downloaded."""
     from tasks.storage.mirror import Mirror
 
     if not _is_s3(uri):
-        return open_checkpoint(Path(uri))
+        return open_checkpoint(Path(uri), architecture)
     mirror = Mirror(_locate(uri), _cache_root(cache_dir), _gap(coalesce_gap))
     mirror.fetch_metadata(FetchStats())
-    return mirror.open()
+    return mirror.open(architecture)
 
 
 def open_source_for_rank(
@@ -84,6 +88,7 @@ def open_source_for_rank(
     *,
     coalesce_gap: int | None = None,
     expected_digest: str | None = None,
+    architecture: str | None = None,
 ) -> tuple[SourceCheckpoint, FetchStats]:
     """`open_source_for` the tensors of TensorRT-LLM rank `rank` of `target`."""
     from converters.trtllm.plan import rank_tensors
@@ -94,6 +99,7 @@ def open_source_for_rank(
         cache_dir,
         coalesce_gap=coalesce_gap,
         expected_digest=expected_digest,
+        architecture=architecture,
     )
 
 
@@ -104,6 +110,7 @@ def open_source_for(
     *,
     coalesce_gap: int | None = None,
     expected_digest: str | None = None,
+    architecture: str | None = None,
 ) -> tuple[SourceCheckpoint, FetchStats]:
     """Like `open_source`, then fetch every byte range the lazy tensors `reads(source)` read (a
     rank's or a shard's plan). Returns the checkpoint and what this call fetched (local paths:
@@ -112,7 +119,7 @@ def open_source_for(
     if not _is_s3(uri):
         if expected_digest is not None:
             _check_digest(uri, source_identity(uri), expected_digest)
-        return open_checkpoint(Path(uri)), FetchStats()
+        return open_checkpoint(Path(uri), architecture), FetchStats()
     stats = FetchStats()
     location = _locate(uri)
     if expected_digest is not None:
@@ -121,11 +128,11 @@ def open_source_for(
 
     mirror = Mirror(location, _cache_root(cache_dir), _gap(coalesce_gap))
     mirror.fetch_metadata(stats)
-    planned = mirror.open()
+    planned = mirror.open(architecture)
     with mirror.naming():
         ranges = [r for tensor in reads(planned) for r in tensor.file_ranges()]
     mirror.fetch(ranges, stats)
-    return mirror.open(), stats  # mapped afresh, after the bytes arrived
+    return mirror.open(architecture), stats  # mapped afresh, after the bytes arrived
 
 
 # --------------------------------------------------------------------------------------------

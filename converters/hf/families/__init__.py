@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from converters.errors import UnsupportedModel
 from converters.hf.families.base import FAMILIES, HfFamily, register
+from converters.hf.families.gemma import GemmaFamily
 from converters.hf.families.llama import LlamaFamily
 from converters.hf.families.mixtral import MixtralFamily
 from converters.hf.families.qwen2 import Qwen2Family
@@ -14,6 +15,7 @@ from converters.model import ModelConfig
 
 __all__ = [
     "FAMILIES",
+    "GemmaFamily",
     "HfFamily",
     "LlamaFamily",
     "MixtralFamily",

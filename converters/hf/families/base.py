@@ -27,6 +27,8 @@ class HfFamily(ABC):
     architecture: ClassVar[str]  # the class transformers instantiates, e.g. "LlamaForCausalLM"
     model_type: ClassVar[str]  # `config.json`'s "model_type", e.g. "llama"
     moe_names: ClassVar[MoeNames | None] = None  # None: a dense architecture
+    # Norms computing `1 + weight` (Gemma): zero-centred Megatron norms are written as stored.
+    zero_centred_norms: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from converters.errors import UnsupportedModel
 from converters.trtllm.families.base import FAMILIES, ModelFamily, register
+from converters.trtllm.families.gemma import GemmaFamily
 from converters.trtllm.families.gpt import GPTFamily
 from converters.trtllm.families.llama import LlamaFamily
 from converters.trtllm.families.mixtral import MixtralFamily
@@ -14,6 +15,7 @@ from converters.trtllm.families.qwen3 import Qwen3Family
 __all__ = [
     "FAMILIES",
     "GPTFamily",
+    "GemmaFamily",
     "LlamaFamily",
     "MixtralFamily",
     "ModelFamily",

@@ -14,6 +14,10 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+import torch
+
+from converters.megatron.example import Layout
 from tasks.cli.main import main
 from tasks.jobs.records import JobRecords
 from tests.test_distributed import wait_state
@@ -84,3 +88,47 @@ def test_a_linked_tokenizer_file_out_of_the_roots_is_refused(stack, megatron):  
     assert record["state"] == "FAILED", record
     _refused_for_the_link(json.dumps(record), tok / "tokenizer.json", target)
     assert not (output / "tokenizer.json").exists() and not (output / "manifest.json").exists()
+
+
+# --- error messages never quote file contents --------------------------------------------------
+
+
+def test_the_torch_dist_reader_never_quotes_its_files(megatron, tmp_path):
+    from converters.errors import ConversionError
+    from converters.megatron.dist import DistCheckpoint
+
+    copy = tmp_path / "dist"
+    shutil.copytree(megatron("gpt").paths[Layout("torch_dist", 2, 1)] / "iter_0000010", copy)
+    metadata = (copy / "metadata.json").read_text()
+    (copy / "metadata.json").write_text(json.dumps({"sharded_backend": SECRET_TEXT}))
+    with pytest.raises(ConversionError) as info:
+        DistCheckpoint(copy)
+    assert "sharded_backend" in str(info.value) and "metadata.json" in str(info.value)
+    assert SECRET_TEXT[:4] not in str(info.value)
+    # a `.metadata` that is a secret's text: the unpickler's message held a byte of it
+    # ("Memo value not found at index 117": 'u', the secret's second character)
+    (copy / "metadata.json").write_text(metadata)
+    (copy / ".metadata").write_text(SECRET_TEXT + "\n")
+    with pytest.raises(ConversionError) as info:
+        DistCheckpoint(copy)
+    assert str(info.value).endswith("cannot unpickle the checkpoint metadata (UnpicklingError)")
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["normalization", "position_embedding_type", "hidden_size", "rope_scaling", "moe_layer_freq"],
+)
+def test_megatron_args_are_shown_by_type_not_by_contents(field):
+    from converters.errors import ConversionError
+    from converters.megatron.args import model_config_from_args
+    from tests.test_hf_families import _args
+
+    changes = {field: SECRET_TEXT, **({"num_experts": 4} if field == "moe_layer_freq" else {})}
+    with pytest.raises(ConversionError) as info:
+        model_config_from_args(_args(**changes), torch.float32, Path("model_optim_rng.pt"))
+    assert field in str(info.value) and "a str" in str(info.value), info.value
+    assert SECRET_TEXT[:4] not in str(info.value)
+    # Megatron-LM's own names are still shown: they are a fixed set, not a file's text
+    if field == "position_embedding_type":
+        with pytest.raises(ConversionError, match="'mrope'"):
+            model_config_from_args(_args(**{field: "mrope"}), torch.float32, Path("m.pt"))

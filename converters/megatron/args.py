@@ -71,17 +71,30 @@ def _get(args: Any, name: str, default: Any = None) -> Any:
     return getattr(args, name, default)
 
 
+# Megatron-LM's own choices for these arguments: names that may be shown in an error.
+_NORMALIZATIONS = ("LayerNorm", "RMSNorm", "LayerNorm1P")
+_POSITIONS = ("learned_absolute", "rope", "mrope", "relative", "yarn", "none")
+
+
+def _shown(value: Any, names: tuple[str, ...] = ()) -> str:
+    """`value` (read from the checkpoint's `args`) for an error message: a number, boolean, None
+    or one of `names` as it is, anything else by its type only: file contents are never quoted."""
+    if value is None or isinstance(value, bool | int | float) or value in names:
+        return f"{value!r:.40}"
+    return f"a {type(value).__name__}"
+
+
 def _size(args: Any, name: str, path: Path | None, default: Any = None, minimum: int = 1) -> int:
     """`args.<name>` (or `default` when unset or 0) as an int in [minimum, 2^40]; a clear error
     naming the argument otherwise (a forged `args` must not divide by zero or size a tensor)."""
     raw = _get(args, name)
     value = default if raw is None or (raw == 0 and not isinstance(raw, bool)) else raw
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise CorruptCheckpoint(f"`args.{name}` is {raw!r}, not a positive integer", path)
+        raise CorruptCheckpoint(f"`args.{name}` is {_shown(raw)}, not a positive integer", path)
     try:
         number = int(value)
     except ValueError:
-        raise CorruptCheckpoint(f"`args.{name}` is {raw!r}, not an integer", path) from None
+        raise CorruptCheckpoint(f"`args.{name}` is {_shown(raw)}, not an integer", path) from None
     if not minimum <= number <= _MAX_SIZE:
         raise CorruptCheckpoint(
             f"`args.{name}`={number} is out of range ({minimum}..{_MAX_SIZE})", path
@@ -96,7 +109,7 @@ def _number(args: Any, name: str, default: float, path: Path) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise CorruptCheckpoint(f"`args.{name}` is {value!r}, not a number", path) from None
+        raise CorruptCheckpoint(f"`args.{name}` is {_shown(value)}, not a number", path) from None
 
 
 def _rope_scaling_factor(args: Any, path: Path) -> float | None:
@@ -105,7 +118,7 @@ def _rope_scaling_factor(args: Any, path: Path) -> float | None:
     switch = _get(args, "rope_scaling")
     if switch is not None and not isinstance(switch, bool):
         raise UnsupportedModel(
-            f"RoPE scaling given as rope_scaling={switch!r} (only Megatron-LM's boolean "
+            f"RoPE scaling given as rope_scaling={_shown(switch)} (only Megatron-LM's boolean "
             "use_rope_scaling / rope_scaling with rope_scaling_factor is understood)",
             path,
         )
@@ -133,7 +146,8 @@ def _moe_layer_pattern(args: Any, layers: int, path: Path) -> tuple[int, ...]:
         pattern = tuple(int(v) for v in freq)
     else:
         raise UnsupportedModel(
-            f"`args.moe_layer_freq`={freq!r} is neither a positive integer nor a 0/1 list", path
+            f"`args.moe_layer_freq`={_shown(freq)} is neither a positive integer nor a 0/1 list",
+            path,
         )
     return () if all(pattern) else pattern
 
@@ -147,7 +161,9 @@ def _moe_fields(args: Any, layers: int, path: Path) -> dict[str, Any]:
     shared = _get(args, "moe_shared_expert_intermediate_size")
     score = _get(args, "moe_router_score_function", "softmax")
     if not isinstance(score, str):
-        raise CorruptCheckpoint(f"`args.moe_router_score_function` is {score!r}", path)
+        raise CorruptCheckpoint(
+            f"`args.moe_router_score_function` is {_shown(score)}, not a name", path
+        )
     scaling = _get(args, "moe_router_topk_scaling_factor")
     groups = _get(args, "moe_router_num_groups")
     topk = _size(args, "moe_router_topk", path, default=2)
@@ -194,7 +210,9 @@ def model_config_from_args(args: Any, stored_dtype: torch.dtype, path: Path) -> 
     for name, is_set, feature in _UNSUPPORTED:
         value = _get(args, name)
         if value is not None and is_set(value):
-            raise UnsupportedModel(f"{feature} ({name}={value!r}) is not supported by Porter", path)
+            raise UnsupportedModel(
+                f"{feature} ({name}={_shown(value)}) is not supported by Porter", path
+            )
 
     heads = _size(args, "num_attention_heads", path)
     groups = (
@@ -205,10 +223,14 @@ def model_config_from_args(args: Any, stored_dtype: torch.dtype, path: Path) -> 
     hidden = _size(args, "hidden_size", path)
     normalization = _get(args, "normalization", "LayerNorm")
     if normalization not in ("LayerNorm", "RMSNorm"):
-        raise UnsupportedModel(f"normalization {normalization!r} is not supported", path)
+        raise UnsupportedModel(
+            f"normalization {_shown(normalization, _NORMALIZATIONS)} is not supported", path
+        )
     position = _get(args, "position_embedding_type", "learned_absolute")
     if position not in ("learned_absolute", "rope"):
-        raise UnsupportedModel(f"position_embedding_type {position!r} is not supported", path)
+        raise UnsupportedModel(
+            f"position_embedding_type {_shown(position, _POSITIONS)} is not supported", path
+        )
     if heads % groups:
         raise UnsupportedModel(
             f"num_attention_heads={heads} is not a multiple of num_query_groups={groups}", path

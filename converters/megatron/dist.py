@@ -130,7 +130,10 @@ def read_dist_metadata(path: Path) -> Any:
     except (UnsafeCheckpoint, CorruptCheckpoint):
         raise
     except Exception as exc:  # truncated or garbled pickle stream
-        raise CorruptCheckpoint(f"cannot unpickle the checkpoint metadata: {exc!r}", path) from exc
+        # the exception's text can hold bytes of the file ("invalid load key, 'x'"): its type only
+        raise CorruptCheckpoint(
+            f"cannot unpickle the checkpoint metadata ({type(exc).__name__})", path
+        ) from exc
     if not isinstance(metadata, Metadata):
         raise CorruptCheckpoint(
             f"holds a {type(metadata).__name__}, not torch.distributed.checkpoint Metadata", path
@@ -299,10 +302,9 @@ class DistCheckpoint:
         except (OSError, ValueError) as exc:
             raise CorruptCheckpoint(f"cannot parse: {exc}", meta_json) from exc
         backend = config.get("sharded_backend") if isinstance(config, dict) else None
-        if backend != "torch_dist":
+        if backend != "torch_dist":  # (its value is the file's: not shown)
             raise NotAMegatronCheckpoint(
-                f'sharded_backend is {backend!r}; Porter reads only "torch_dist" checkpoints',
-                meta_json,
+                "its sharded_backend is not supported (only torch_dist)", meta_json
             )
         self.metadata_path = self.directory / _METADATA
         self.metadata = read_dist_metadata(self.metadata_path)
@@ -327,7 +329,10 @@ class DistCheckpoint:
             shape = tuple(int(s) for s in entry.size)
             dtype = entry.properties.dtype
             if not isinstance(dtype, torch.dtype):
-                raise CorruptCheckpoint(f"{key} has dtype {dtype!r}", md_path)
+                raise CorruptCheckpoint(
+                    f"{key} has a dtype that is a {type(dtype).__name__}, not a torch dtype",
+                    md_path,
+                )
             chunks = []
             for meta in entry.chunks:
                 offsets = tuple(int(x) for x in meta.offsets)
@@ -369,10 +374,14 @@ class DistCheckpoint:
         rel = getattr(info, "relative_path", None)
         offset, length = getattr(info, "offset", None), getattr(info, "length", None)
         if not isinstance(rel, str) or not isinstance(offset, int) or not isinstance(length, int):
-            raise CorruptCheckpoint(f"bad storage entry for {key}: {info!r}", self.metadata_path)
+            raise CorruptCheckpoint(
+                f"bad storage entry for {key} (a {type(info).__name__} without a file name, "
+                "offset and length)",
+                self.metadata_path,
+            )
         if rel != os.path.basename(rel) or rel in ("", ".", "..") or "\x00" in rel:
             raise UnsafeCheckpoint(
-                f"storage entry for {key} points outside the checkpoint directory: {rel!r}",
+                f"storage entry for {key} names a file outside the checkpoint directory",
                 self.metadata_path,
             )
         file = self.directory / rel

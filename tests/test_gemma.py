@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from converters.errors import UnsupportedModel
 from converters.megatron.layout import open_checkpoint
+from converters.trtllm.families import family_for
 from tasks.cli.main import main
 from tasks.jobs.checks import InvalidSpec
 from tasks.kinds.megatron_trtllm import ConvertSpec
@@ -145,8 +146,6 @@ def test_undeclared_gemma_is_not_taken_for_another_model(megatron):
     """Without the declaration no family fits (the args say gelu, not gated, RMSNorm)."""
     source = open_checkpoint(_layouts(megatron("gemma"))["legacy_tp1_pp1"])
     assert source.config.architecture is None and not source.config.gated_mlp
-    from converters.trtllm.families import family_for
-
     with pytest.raises(UnsupportedModel, match="not declared Gemma"):
         family_for(source.config)
 

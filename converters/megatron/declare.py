@@ -17,9 +17,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from converters.errors import UnsupportedModel
-from converters.model import ModelConfig
+
+if TYPE_CHECKING:  # (annotations only: the command line checks DECLARABLE without torch)
+    from converters.model import ModelConfig
 
 DECLARABLE = ("gemma",)
 

@@ -20,6 +20,7 @@ import torch
 from converters.megatron.example import Layout
 from tasks.cli.main import main
 from tasks.jobs.records import JobRecords
+from tests.cluster import Cluster, wait_until
 from tests.test_distributed import wait_state
 from tests.test_hardening_locations import Stack, stack  # noqa: F401  (the module's own stack)
 from tests.test_megatron_hf_job import LEGACY_TP2, write_tokenizer
@@ -132,3 +133,31 @@ def test_megatron_args_are_shown_by_type_not_by_contents(field):
     if field == "position_embedding_type":
         with pytest.raises(ConversionError, match="'mrope'"):
             model_config_from_args(_args(**{field: "mrope"}), torch.float32, Path("m.pt"))
+
+
+# --- a worker with no allow-list says so ------------------------------------------------------
+
+
+def test_a_worker_without_allow_lists_warns_once_at_start(stack):  # noqa: F811
+    hardened = (stack.cluster.logs / "worker-0.log").read_text()
+    assert "is allowed" not in hardened  # both lists set: nothing to say
+    open_env = {"PORTER_ALLOWED_SOURCES": "", "PORTER_ALLOWED_OUTPUTS": ""}
+    url = stack.url.rsplit("/", 1)[0] + "/1"  # a database of its own: it takes no stack jobs
+    logs = stack.cluster.logs / "open"
+    logs.mkdir()
+    for env, says in (
+        (open_env, "any location is allowed (PORTER_ALLOWED_SOURCES and PORTER_ALLOWED_OUTPUTS"),
+        ({**open_env, "PORTER_ALLOW_ANY_LOCATION": "1"}, "PORTER_ALLOW_ANY_LOCATION=1"),
+        ({"PORTER_ALLOWED_OUTPUTS": ""}, "any output is allowed (PORTER_ALLOWED_OUTPUTS: not set"),
+    ):
+        worker = Cluster(url, {**stack.cluster.env, "PORTER_REDIS_URL": url}, logs, logs)
+        worker.start_worker(env=env)
+        log = logs / "worker-0.log"
+        try:
+            wait_until(lambda log=log: " ready." in log.read_text(), 60, "the worker")
+        finally:
+            worker.stop()
+        text = log.read_text()
+        assert text.count("WARNING] porter.worker: any ") == 1, text
+        assert says in text and "PORTER_ALLOWED_SOURCES and PORTER_ALLOWED_OUTPUTS (comma" in text
+        log.unlink()

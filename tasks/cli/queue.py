@@ -258,10 +258,33 @@ def worker(args: argparse.Namespace) -> int:
                 raise ConversionError(f"this machine {problem}")
     if "gpu" in queues:
         argv.append("--max-tasks-per-child=1")  # never reuse a process that initialised CUDA
+    _warn_if_unrestricted()
     from config.celery_app import app
 
     app.worker_main(argv)
     return 0
+
+
+def _warn_if_unrestricted() -> None:
+    """One WARNING line at a worker's start when an allow-list is not set (nothing is silently
+    open); logged before Celery sets up its logging, so with a handler of its own."""
+    import logging
+
+    from config.settings import Settings
+    from tasks.jobs.locations import unrestricted
+
+    problem = unrestricted(Settings.from_env())
+    if problem:
+        log = logging.getLogger("porter.worker")
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter("[%(asctime)s: %(levelname)s] %(name)s: %(message)s")
+        )
+        log.addHandler(handler)
+        log.propagate = False
+        log.warning("%s", problem)
+        log.removeHandler(handler)
+        log.propagate = True
 
 
 def serve(args: argparse.Namespace) -> int:

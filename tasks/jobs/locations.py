@@ -12,6 +12,7 @@
   directory, rank files), activation directory or tokenizer directory may resolve outside the
   allowed roots.
 - `write_routes_problem`: why `porter serve` keeps its job-changing calls closed, or None.
+- `unrestricted`: what a worker with a list unset allows (its start-up WARNING), or None.
 
 A list that is not set restricts nothing (the workers' own user and credentials are the limit);
 `porter serve` refuses to open job-changing calls then, unless `PORTER_ALLOW_ANY_LOCATION=1`.
@@ -171,6 +172,22 @@ def write_routes_problem(settings: Settings) -> str | None:
     return (
         f"job-changing calls are disabled: set {' and '.join(missing)} (comma-separated path "
         "prefixes and s3://bucket[/prefix]), or PORTER_ALLOW_ANY_LOCATION=1"
+    )
+
+
+def unrestricted(settings: Settings) -> str | None:
+    """What a process with `settings` (a worker, `porter submit`) leaves unrestricted, or None
+    when both lists are set: said once at a worker's start."""
+    sources, outputs = lists(settings)
+    missing = [a.setting for a in (sources, outputs) if a.roots is None]
+    if not missing:
+        return None
+    what = "location" if len(missing) == 2 else "source" if missing == [SOURCES] else "output"
+    why = "PORTER_ALLOW_ANY_LOCATION=1" if settings.allow_any_location else "not set"
+    return (
+        f"any {what} is allowed ({' and '.join(missing)}: {why}): jobs read and write wherever "
+        f"this process's user and credentials reach; set {SOURCES} and {OUTPUTS} "
+        "(comma-separated path prefixes and s3://bucket[/prefix]) to restrict them"
     )
 
 

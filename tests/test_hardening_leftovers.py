@@ -161,3 +161,30 @@ def test_a_worker_without_allow_lists_warns_once_at_start(stack):  # noqa: F811
         assert text.count("WARNING] porter.worker: any ") == 1, text
         assert says in text and "PORTER_ALLOWED_SOURCES and PORTER_ALLOWED_OUTPUTS (comma" in text
         log.unlink()
+
+
+# --- a queued PowerInfer OUTPUT inside ACTIVATIONS ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("activations", "output"),
+    [("/data/acts", "/data/acts"), ("/data/acts/", "/data/acts/idx"), ("s3://team-acts/a", "s3://team-acts/a/i")],
+)
+def test_a_queued_index_spec_refuses_output_inside_activations(activations, output):
+    from tasks.jobs.checks import InvalidSpec
+    from tasks.kinds.powerinfer_index import IndexSpec
+
+    spec = {"activations": activations, "output": output, "budgets": [{"vram_capacity": 1}]}
+    with pytest.raises(InvalidSpec, match="OUTPUT lies inside ACTIVATIONS"):
+        IndexSpec.from_dict(spec)
+    IndexSpec.from_dict({**spec, "output": "/data/acts-idx"})  # a sibling is not inside
+
+
+def test_porter_submit_refuses_an_index_inside_its_activations(stack):  # noqa: F811
+    directory = stack.sources / "team-a" / "acts-inside"
+    write_activations(directory, seed=5)
+    (directory / "idx").mkdir()  # empty: the OUTPUT rules alone accepted it
+    result = stack.cluster.porter(
+        "submit", "powerinfer-index", str(directory), str(directory / "idx"), *BUDGET
+    )
+    assert result.returncode == 1 and "OUTPUT lies inside ACTIVATIONS" in result.stderr

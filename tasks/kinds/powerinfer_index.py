@@ -85,6 +85,10 @@ class IndexSpec:
             raise InvalidSpec(f"kind must be 'powerinfer-index', got {self.kind!r:.60}")
         check_location(self.activations, "ACTIVATIONS")
         check_location(self.output, "OUTPUT")
+        if self.output == self.activations or self.output.startswith(
+            self.activations.rstrip("/") + "/"
+        ):  # (as Megatron SOURCEs; `porter convert` also resolves links: powerinfer_local)
+            raise InvalidSpec("OUTPUT lies inside ACTIVATIONS; choose a path outside it")
         if not isinstance(self.budgets, tuple) or len(self.budgets) > MAX_BUDGETS:
             raise InvalidSpec(f"budgets must be a list of at most {MAX_BUDGETS}")
         check_int(self.batch, "batch", 1, 2**31 - 1)

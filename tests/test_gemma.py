@@ -158,3 +158,40 @@ def test_the_declaration_is_in_the_job_id_only_when_given():
     assert ConvertSpec.from_dict(declared.to_dict()) == declared
     with pytest.raises(InvalidSpec, match="architecture"):
         ConvertSpec(source="/a", output="/b", tp=2, architecture="llama")
+
+
+def test_porter_verify_computes_gemma_on_both_targets(megatron, tmp_path, capsys):
+    """`--verify` (the job step) passes for both exports; `porter verify --architecture gemma`
+    finds an export whose norms lost their +1 at layer 0, and without the declaration the
+    source computes another model."""
+    source = str(_layouts(megatron("gemma"))["legacy_tp2_pp1"])
+    trt, hf = str(tmp_path / "trt"), str(tmp_path / "hf")
+    common = ["--verify", "--quiet"]
+    assert (
+        main(
+            [
+                "convert",
+                "megatron-trtllm",
+                source,
+                trt,
+                "--tp",
+                "2",
+                "--architecture",
+                "gemma",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert main(["convert", "megatron-hf", source, hf, "--architecture", "gemma", *common]) == 0
+
+    def minus_one(tensors: dict[str, torch.Tensor]) -> None:
+        for key in [k for k in tensors if "layernorm" in k]:
+            tensors[key] = tensors[key] - 1
+
+    _rewrite_ranks(Path(trt), minus_one)
+    capsys.readouterr()
+    assert main(["verify", source, trt, "--architecture", "gemma", "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "DIFFERS" in out.splitlines()[2] and out.splitlines()[2].startswith("layer 0")
+    assert main(["verify", source, hf, "--quiet"]) == 1  # undeclared: not the model in the args

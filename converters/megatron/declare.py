@@ -27,6 +27,12 @@ if TYPE_CHECKING:  # (annotations only: the command line checks DECLARABLE witho
 DECLARABLE = ("gemma",)
 
 
+def declaration_of(spec_architecture: str | None) -> str | None:
+    """The declaration a job spec's `architecture` makes: "gemma" for megatron-trtllm's `gemma`
+    and for megatron-hf's `GemmaForCausalLM` / `gemma`; None (decided from the args) otherwise."""
+    return "gemma" if spec_architecture in ("gemma", "GemmaForCausalLM") else None
+
+
 def _gemma_contradictions(cfg: ModelConfig) -> list[str]:
     """The recorded arguments that contradict a Gemma declaration, each with its value."""
     found = []

@@ -15,7 +15,7 @@ from converters.verify.files import BadExport, TensorFiles
 from converters.verify.model_math import ModelMath, Moe, RopeScaling
 from converters.verify.side import LOGIT_ROWS, Part, Side, Trace, rotary
 
-MODEL_TYPES = ("llama", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma")
 # Where a mixture-of-experts model keeps its block (under `model.layers.{i}.`), router and
 # experts' gate / up / down projections.
 MOE_NAMES = {
@@ -23,7 +23,7 @@ MOE_NAMES = {
     "qwen3_moe": ("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
 }
 INDEX = "model.safetensors.index.json"
-_ACTS = {"silu": "silu", "gelu": "gelu", "relu": "relu"}
+_ACTS = {"silu": "silu", "gelu": "gelu", "relu": "relu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 def _need(cfg: dict[str, Any], key: str, path: Path) -> Any:
@@ -83,6 +83,9 @@ def hf_math(cfg: dict[str, Any], path: Path) -> ModelMath:
         int(_need(cfg, "num_attention_heads", path)),
     )
     act = cfg.get("hidden_act", "silu")
+    gemma = model_type == "gemma"  # scales by sqrt(hidden) and 1 + w; reads hidden_activation
+    if gemma:
+        act = cfg.get("hidden_activation") or act
     if act not in _ACTS:
         raise BadExport(f"hidden_act {act!r} is not verified", path)
     theta, scaling = _rope(cfg, path)
@@ -107,6 +110,8 @@ def hf_math(cfg: dict[str, Any], path: Path) -> ModelMath:
         rope_scaling=scaling,
         qk_norm=model_type in ("qwen3", "qwen3_moe"),
         moe=moe,
+        embed_scale=hidden**0.5 if gemma else 1.0,
+        norm_offset=1.0 if gemma else 0.0,
     )
 
 
@@ -157,7 +162,8 @@ class HfSide(Side):
     def embed(self, tokens: torch.Tensor) -> Part:
         name = "model.embed_tokens.weight"
         self._check_table(name)
-        return Part(torch.cat([self.files.rows(name, int(t), 1) for t in tokens]), origin=name)
+        x = torch.cat([self.files.rows(name, int(t), 1) for t in tokens]) * self.math.embed_scale
+        return Part(x, origin=name)
 
     def _check_table(self, name: str) -> None:
         shape = self.files.shape(name)

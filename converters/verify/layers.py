@@ -47,6 +47,8 @@ def normalize(
     """LayerNorm or RMSNorm over the last dimension, as `m` says."""
     assert weight is not None
     size = (x.shape[-1],)
+    if m.norm_offset:
+        weight = weight + m.norm_offset
     if m.norm == "LayerNorm":
         return F.layer_norm(x, size, weight, bias, m.eps)
     out = F.rms_norm(x, size, weight, m.eps)
@@ -58,6 +60,8 @@ def activation(x: torch.Tensor, m: ModelMath) -> torch.Tensor:
         return F.silu(x)
     if m.activation == "gelu":
         return F.gelu(x)
+    if m.activation == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
     return F.relu(x)
 
 

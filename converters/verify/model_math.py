@@ -14,7 +14,7 @@ from typing import Any, Literal
 from converters.errors import ConversionError
 
 Norm = Literal["LayerNorm", "RMSNorm"]
-Act = Literal["silu", "gelu", "relu"]
+Act = Literal["silu", "gelu", "relu", "gelu_tanh"]
 
 
 class ExportMismatch(ConversionError):
@@ -69,6 +69,8 @@ class ModelMath:
     rope_scaling: RopeScaling | None = None
     qk_norm: bool = False
     moe: Moe | None = None
+    embed_scale: float = 1.0  # the embedding lookup times this (Gemma: sqrt(hidden))
+    norm_offset: float = 0.0  # norms scale by weight + this (an HF Gemma stores w for 1 + w)
 
     @property
     def q_per_kv(self) -> int:

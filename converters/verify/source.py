@@ -77,6 +77,7 @@ def source_math(cfg: ModelConfig) -> ModelMath:
         rope_scaling=scaling,
         qk_norm=cfg.qk_layernorm,
         moe=moe,
+        embed_scale=cfg.embedding_multiplier or 1.0,
     )
 
 
@@ -125,7 +126,7 @@ class MegatronSide(Side):
     def embed(self, tokens: torch.Tensor) -> Part:
         words = self.source.tensor("embedding.word_embeddings.weight")
         x = torch.stack([words.narrow(0, int(t), 1).materialize()[0] for t in tokens])
-        x = x.to(torch.float32)
+        x = x.to(torch.float32) * self.math.embed_scale
         if self.math.learned_positions:
             positions = self.source.tensor("embedding.position_embeddings.weight")
             x = x + positions.narrow(0, 0, len(tokens)).materialize().to(torch.float32)

@@ -26,8 +26,10 @@ ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "MixtralForCausalLM",
+    "GemmaForCausalLM",
 )
-_ACTS = {"silu": ("silu", False), "swiglu": ("silu", True), "gelu": ("gelu", False)}
+_ACTS = {"gelu_pytorch_tanh": ("gelu_tanh", False)}
+_ACTS |= {"silu": ("silu", False), "swiglu": ("silu", True), "gelu": ("gelu", False)}
 _ACTS |= {"geglu": ("gelu", True), "relu": ("relu", False), "gelu_new": ("gelu", False)}
 
 
@@ -110,6 +112,8 @@ def trtllm_math(cfg: dict[str, Any], path: Path) -> tuple[ModelMath, _Biases]:
         rope_scaling=_rope_scaling(cfg.get("rotary_scaling"), path),
         qk_norm=bool(cfg.get("qk_layernorm", False)),
         moe=moe,
+        # TensorRT-LLM's Gemma scales the embedding lookup at run time; its norms are stored +1
+        embed_scale=hidden**0.5 if arch == "GemmaForCausalLM" else 1.0,
     )
     return math, biases
 
@@ -175,7 +179,7 @@ class TrtllmSide(Side):
     # ── parts ──────────────────────────────────────────────────────────────────────────────
     def embed(self, tokens: torch.Tensor) -> Part:
         m = self.math
-        x = self._lookup("transformer.vocab_embedding.weight", m.vocab, tokens)
+        x = self._lookup("transformer.vocab_embedding.weight", m.vocab, tokens) * m.embed_scale
         if m.learned_positions:
             x = x + self._lookup(
                 "transformer.position_embedding.weight",

@@ -39,6 +39,11 @@ def add_command(commands: Any) -> None:
         help="Hugging Face exports: also run every layer through transformers' own modules "
         "(when transformers is installed; dense Llama, Qwen2, Qwen3)",
     )
+    parser.add_argument(
+        "--architecture",
+        choices=("gemma",),
+        help="declare what the source's args cannot say (as for convert): gemma",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -66,7 +71,7 @@ def verify(args: argparse.Namespace) -> int:
     tolerance = parse_tolerance(args.tolerance)
     source_uri = local_location(args.source, "SOURCE")
     export_uri = local_location(args.export, "EXPORT")
-    source = open_verify_source(source_uri)
+    source = open_verify_source(source_uri, architecture=args.architecture)
     bar = tqdm(
         total=source.config.num_layers + 2,
         unit="stage",

@@ -44,8 +44,9 @@ def check_source_spec(spec: Any, kind: str) -> None:
 def source_architecture(spec: Any) -> str | None:
     """What the spec declares the source to be where its args cannot say (None: decided from
     the args): `architecture` "gemma" (megatron-trtllm), or the Gemma class (megatron-hf)."""
-    declared = getattr(spec, "architecture", None)
-    return "gemma" if declared in ("gemma", "GemmaForCausalLM") else None
+    from converters.megatron.declare import declaration_of
+
+    return declaration_of(getattr(spec, "architecture", None))
 
 
 def inspect_megatron(spec: Any, plan: Callable[[SourceCheckpoint], dict[str, Any]]) -> dict:

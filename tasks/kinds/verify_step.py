@@ -43,12 +43,17 @@ def verify_plan(spec: Any, num_layers: int) -> dict[str, Any]:
 def verify_step(ctx: StepContext, index: int) -> dict[str, Any]:
     """Verify OUTPUT (written, not yet published) against SOURCE; raise VerificationFailed when
     they differ. The summary is kept in the job record for the manifest (`verification`)."""
+    from converters.megatron.declare import declaration_of
     from converters.verify import verify_export
     from tasks.storage.verify_inputs import local_export, open_verify_source
 
     plan = ctx.inspected["verify"][index]
     spec = ctx.spec
-    source = open_verify_source(spec.source, expected_digest=tag_digest(ctx.tag))
+    source = open_verify_source(
+        spec.source,
+        expected_digest=tag_digest(ctx.tag),
+        architecture=declaration_of(getattr(spec, "architecture", None)),
+    )
 
     def on_stage(stage: Any, done: int, total: int) -> None:
         if ctx.progress:

@@ -17,11 +17,16 @@ from tasks.storage.store import open_store
 _EXPORT_FILES = ("config.json", "manifest.json", "model.safetensors.index.json")
 
 
-def open_verify_source(uri: str, expected_digest: str | None = None) -> SourceCheckpoint:
-    """The Megatron checkpoint at `uri`, with every tensor a verification reads present locally."""
+def open_verify_source(
+    uri: str, expected_digest: str | None = None, architecture: str | None = None
+) -> SourceCheckpoint:
+    """The Megatron checkpoint at `uri`, with every tensor a verification reads present locally
+    (`architecture`: what the args cannot say, converters/megatron/declare.py)."""
     from converters.verify.source import source_reads
 
-    source, _ = sources.open_source_for(uri, source_reads, expected_digest=expected_digest)
+    source, _ = sources.open_source_for(
+        uri, source_reads, expected_digest=expected_digest, architecture=architecture
+    )
     return source
 
 

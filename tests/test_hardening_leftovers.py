@@ -22,7 +22,7 @@ from tasks.cli.main import main
 from tasks.jobs.records import JobRecords
 from tests.cluster import Cluster, wait_until
 from tests.test_distributed import wait_state
-from tests.test_hardening_locations import Stack, stack  # noqa: F401  (the module's own stack)
+from tests.test_hardening_locations import Stack, new_job, stack  # noqa: F401  (the module's own stack)
 from tests.test_megatron_hf_job import LEGACY_TP2, write_tokenizer
 from tests.test_powerinfer_cli import write_activations
 
@@ -168,7 +168,11 @@ def test_a_worker_without_allow_lists_warns_once_at_start(stack):  # noqa: F811
 
 @pytest.mark.parametrize(
     ("activations", "output"),
-    [("/data/acts", "/data/acts"), ("/data/acts/", "/data/acts/idx"), ("s3://team-acts/a", "s3://team-acts/a/i")],
+    [
+        ("/data/acts", "/data/acts"),
+        ("/data/acts/", "/data/acts/idx"),
+        ("s3://team-acts/a", "s3://team-acts/a/i"),
+    ],
 )
 def test_a_queued_index_spec_refuses_output_inside_activations(activations, output):
     from tasks.jobs.checks import InvalidSpec
@@ -188,3 +192,24 @@ def test_porter_submit_refuses_an_index_inside_its_activations(stack):  # noqa: 
         "submit", "powerinfer-index", str(directory), str(directory / "idx"), *BUDGET
     )
     assert result.returncode == 1 and "OUTPUT lies inside ACTIVATIONS" in result.stderr
+
+
+# --- porter status shows a refused step ----------------------------------------------------------
+
+
+def test_porter_status_shows_why_a_step_was_refused(stack):  # noqa: F811
+    """A step refused by the step guard (a never-planned job, its rank step sent by a Redis
+    writer) says why in `porter status`, and a spec Porter did not write does not crash it."""
+    job = new_job(
+        stack,
+        {"source": str(stack.checkpoint), "output": str(stack.outputs / "never-planned")},
+        sealed=True,
+    )
+    stack.send("porter.reshard", job, 0, task_id=f"{job}:reshard:0:x")
+    records = JobRecords(stack.url)
+    wait_until(lambda: dict(records.steps(job)).get("reshard:0", {}).get("refused"), 60, "refusal")
+    result = stack.cluster.porter("status", job)
+    assert result.returncode == 0, result.stderr  # its spec lacks `pp`: this used to crash
+    assert "(a spec its kind cannot read)" in result.stdout
+    line = next(x for x in result.stdout.splitlines() if x.strip().startswith("reshard:0"))
+    assert "refused: the job is PENDING, not planned" in line, result.stdout

@@ -131,7 +131,11 @@ def status(args: argparse.Namespace) -> int:
     done, total = service.progress(record)
     kind = kind_named(record["kind"])
     print(f"job {args.job}: {record['state']} (attempt {record.get('attempt', 0)})")
-    print(f"  {kind.cli.describe(record['spec'])}")
+    try:
+        described = kind.cli.describe(record["spec"])
+    except (KeyError, TypeError, ValueError):  # a record not written by Porter's submit
+        described = "(a spec its kind cannot read)"
+    print(f"  {described}")
     print(f"  created {_time(record.get('created'))}, finished {_time(record.get('finished'))}")
     if total:
         print(f"  done {done}/{total} {kind.progress_unit} ({done / total:.0%})")
@@ -147,7 +151,7 @@ def status(args: argparse.Namespace) -> int:
         if step.get("state") == "SUCCEEDED":
             shown = "100%"
         seconds = f"{float(step['seconds']):.2f}" if step.get("seconds") else ""
-        detail = step.get("error") or (str(step.get("sha256", ""))[:16])
+        detail = step.get("error") or step.get("refused") or (str(step.get("sha256", ""))[:16])
         print(
             f"  {name:<12} {step.get('state', ''):<10} {shown:>9} {seconds:>8} "
             f"{step.get('deliveries', 0):>5}  {detail}"

@@ -146,7 +146,7 @@ def test_undeclared_gemma_is_not_taken_for_another_model(megatron):
     """Without the declaration no family fits (the args say gelu, not gated, RMSNorm)."""
     source = open_checkpoint(_layouts(megatron("gemma"))["legacy_tp1_pp1"])
     assert source.config.architecture is None and not source.config.gated_mlp
-    with pytest.raises(UnsupportedModel, match="not declared Gemma"):
+    with pytest.raises(UnsupportedModel, match="not declared gemma"):
         family_for(source.config)
 
 

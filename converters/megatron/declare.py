@@ -33,6 +33,15 @@ def declaration_of(spec_architecture: str | None) -> str | None:
     return "gemma" if spec_architecture in ("gemma", "GemmaForCausalLM") else None
 
 
+def undeclared(cfg: ModelConfig, architecture: str) -> str | None:
+    """A family's refusal of a model not declared `architecture` (the args cannot say it)."""
+    if cfg.architecture != architecture:
+        return (
+            f"not declared {architecture} (--architecture {architecture}; the args cannot say it)"
+        )
+    return None  # declare_architecture checked the rest against the args
+
+
 def _gemma_contradictions(cfg: ModelConfig) -> list[str]:
     """The recorded arguments that contradict a Gemma declaration, each with its value."""
     found = []

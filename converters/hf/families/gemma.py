@@ -9,6 +9,7 @@ from typing import Any
 
 from converters.hf.families.base import HfFamily, register
 from converters.hf.families.llama import llama_style_fields
+from converters.megatron.declare import undeclared
 from converters.model import ModelConfig
 
 
@@ -20,9 +21,7 @@ class GemmaFamily(HfFamily):
 
     @classmethod
     def rejects(cls, cfg: ModelConfig) -> str | None:
-        if cfg.architecture != "gemma":
-            return "not declared Gemma (--architecture gemma; the args cannot say it)"
-        return None  # declare_architecture checked the rest against the args
+        return undeclared(cfg, "gemma")
 
     @classmethod
     def config_fields(cls, cfg: ModelConfig) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from converters.megatron.declare import undeclared
 from converters.model import ModelConfig
 from converters.trtllm.families.base import Biases, ModelFamily, register
 from converters.trtllm.families.llama import rope_fields
@@ -21,9 +22,7 @@ class GemmaFamily(ModelFamily):
 
     @classmethod
     def rejects(cls, cfg: ModelConfig) -> str | None:
-        if cfg.architecture != "gemma":
-            return "not declared Gemma (--architecture gemma; the args cannot say it)"
-        return None  # declare_architecture checked the rest against the args
+        return undeclared(cfg, "gemma")
 
     @classmethod
     def biases(cls, cfg: ModelConfig) -> Biases:

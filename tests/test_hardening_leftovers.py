@@ -20,7 +20,7 @@ import torch
 from converters.megatron.example import Layout
 from tasks.cli.main import main
 from tasks.jobs.records import JobRecords
-from tests.cluster import Cluster, wait_until
+from tests.cluster import Cluster, start_redis, wait_until
 from tests.test_distributed import wait_state
 from tests.test_hardening_locations import Stack, new_job, stack  # noqa: F401  (the module's own stack)
 from tests.test_megatron_hf_job import LEGACY_TP2, write_tokenizer
@@ -213,3 +213,34 @@ def test_porter_status_shows_why_a_step_was_refused(stack):  # noqa: F811
     assert "(a spec its kind cannot read)" in result.stdout
     line = next(x for x in result.stdout.splitlines() if x.strip().startswith("reshard:0"))
     assert "refused: the job is PENDING, not planned" in line, result.stdout
+
+
+# --- the command line against a hung Redis -----------------------------------------------------
+
+
+def test_queue_commands_give_up_on_a_hung_redis(tmp_path):
+    """A Redis that accepts connections and never answers (stopped with SIGSTOP): the queue
+    commands end with one line naming PORTER_REDIS_URL instead of hanging (a 5 s socket timeout,
+    not retried)."""
+    import os
+    import signal
+    import subprocess
+
+    from tests.cluster import PORTER
+
+    proc, url = start_redis(tmp_path)
+    env = {**os.environ, "PORTER_REDIS_URL": url}
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        for args in (["jobs"], ["status", "megatron-trtllm-0123456789abcdef"]):
+            # bounded here only so that a regression fails instead of hanging the suite
+            result = subprocess.run(
+                [PORTER, *args], env=env, capture_output=True, text=True, timeout=120
+            )
+            assert result.returncode != 0, result.stdout
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and "PORTER_REDIS_URL" in lines[0], result.stderr
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.terminate()
+        proc.wait(10)

@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 REFUSALS = (ConversionError,)
 
 
-
 class JobCancelled(Exception):
     """Raised inside a running step when its job was cancelled."""
 

@@ -7,9 +7,9 @@ Keys (prefix `porter:`):
 - `job:{id}:step:{name}` (hash): state, done, total, started, finished, seconds, deliveries,
   worker, error and the step's result fields (bytes_read, bytes_written, sha256, ...).
 - `jobs` (sorted set): job ids by creation time; `running` (set): jobs in RUNNING, for the reaper.
+- `job:{id}:ended` (pub/sub channel): a message when the job ends, for `--wait` (`watch_end`).
 - `output:{sha256 of OUTPUT}` (string): the job holding OUTPUT, taken by its plan step
   (`claim_output`); another job's plan is refused while the holder has not ended.
-- `job:{id}:ended` (pub/sub channel): a message when the job ends, for `--wait` (`watch_end`).
 - A running step's hash also holds `heartbeat` (unix s, refreshed every few seconds) and `node`
   (the Celery worker running it), which the reaper uses to find steps whose worker died.
 

@@ -55,7 +55,6 @@ _HUB_SECRET = Depends(APIKeyHeader(
 ))  # fmt: skip
 
 
-
 class BodyLimit:
     """ASGI middleware: a request body larger than `limit` bytes gets 413 before it is read
     into memory (Content-Length checked first, then the bytes actually received)."""

@@ -85,7 +85,8 @@ def test_metrics_move_as_a_job_runs(cluster, scrape, s3_env, megatron):
         assert moved("celery_task_succeeded_total", after, name=task) == 1, task
 
     assert moved("porter_jobs", after, state="SUCCEEDED") == 1
-    assert value(after, "porter_jobs", state="RUNNING") == 0
+    # other tests on this worker's Redis may have left jobs RUNNING: count only what moved
+    assert moved("porter_jobs", after, state="RUNNING") == 0
     assert moved("porter_jobs_finished_total", after, kind=record["kind"], state="SUCCEEDED") == 1
 
     steps = record["steps"]

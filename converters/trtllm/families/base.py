@@ -32,9 +32,9 @@ class ModelFamily(ABC):
         """Why this family cannot represent `cfg`, or None when it can."""
 
     @classmethod
-    @abstractmethod
     def biases(cls, cfg: ModelConfig) -> Biases:
-        """The bias tensors this family's model has for `cfg`."""
+        """The bias tensors this family's model has for `cfg` (none unless a family says so)."""
+        return Biases(qkv=False, dense=False, mlp=False)
 
     @classmethod
     @abstractmethod

@@ -11,7 +11,7 @@ from typing import Any
 
 from converters.megatron.declare import undeclared
 from converters.model import ModelConfig
-from converters.trtllm.families.base import Biases, ModelFamily, register
+from converters.trtllm.families.base import ModelFamily, register
 from converters.trtllm.families.llama import rope_fields
 
 
@@ -23,10 +23,6 @@ class GemmaFamily(ModelFamily):
     @classmethod
     def rejects(cls, cfg: ModelConfig) -> str | None:
         return undeclared(cfg, "gemma")
-
-    @classmethod
-    def biases(cls, cfg: ModelConfig) -> Biases:
-        return Biases(qkv=False, dense=False, mlp=False)
 
     @classmethod
     def config_fields(cls, cfg: ModelConfig) -> dict[str, Any]:

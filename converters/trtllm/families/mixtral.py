@@ -7,7 +7,7 @@ from typing import Any
 
 from converters.model import ModelConfig
 from converters.trtllm import moe
-from converters.trtllm.families.base import Biases, ModelFamily, register
+from converters.trtllm.families.base import ModelFamily, register
 from converters.trtllm.families.llama import llama_style_reasons, rope_fields
 
 
@@ -23,10 +23,6 @@ class MixtralFamily(ModelFamily):
         if cfg.add_qkv_bias:
             found.append("a QKV bias (add_qkv_bias)")
         return "; ".join(found) or None
-
-    @classmethod
-    def biases(cls, cfg: ModelConfig) -> Biases:
-        return Biases(qkv=False, dense=False, mlp=False)
 
     @classmethod
     def config_fields(cls, cfg: ModelConfig) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from converters.model import ModelConfig
-from converters.trtllm.families.base import Biases, ModelFamily, register
+from converters.trtllm.families.base import ModelFamily, register
 from converters.trtllm.families.llama import llama_style_reasons
 from converters.trtllm.families.qwen2 import qwen_fields
 
@@ -25,10 +25,6 @@ class Qwen3Family(ModelFamily):
         if cfg.add_bias_linear or cfg.add_qkv_bias:
             found.append("linear biases (QWenConfig sets attn_bias false for Qwen3)")
         return "; ".join(found) or None
-
-    @classmethod
-    def biases(cls, cfg: ModelConfig) -> Biases:
-        return Biases(qkv=False, dense=False, mlp=False)
 
     @classmethod
     def config_fields(cls, cfg: ModelConfig) -> dict[str, Any]:

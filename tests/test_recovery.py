@@ -105,19 +105,25 @@ def test_a_rank_that_kills_its_worker_every_time_fails_the_job_not_the_queue(
     killed: set[float] = set()  # starts of rank 1 killed so far (one per delivery)
     seen: list[tuple] = []  # what the watcher saw, for the failure message
     deadline = time.monotonic() + 90
-    while (state := records.state(job)) in ("PENDING", "RUNNING") and time.monotonic() < deadline:
-        fields = dict(records.steps(job)).get("reshard:1", {})
-        if not seen or seen[-1] != (state, fields.get("state"), fields.get("started")):
-            seen.append((state, fields.get("state"), fields.get("started")))
-        # A killed delivery stays RUNNING in the record until the next one starts: key on the
-        # start time, not on the delivery counter (counted before the new start is recorded).
-        if fields.get("state") == "RUNNING" and fields["started"] not in killed:
-            with contextlib.suppress(ProcessLookupError):  # the OOM killer, each time rank 1 runs
-                os.kill(pid_of(fields), signal.SIGKILL)
-            killed.add(fields["started"])
-        time.sleep(0.003)
+    # Supervised as in production: a pool wedged by the kills makes the watchdog stop its worker,
+    # and the re-queued rank then needs a new one (unsupervised, the job could wait forever).
+    with cluster.supervised():
+        while (state := records.state(job)) in ("PENDING", "RUNNING") and (
+            time.monotonic() < deadline
+        ):
+            fields = dict(records.steps(job)).get("reshard:1", {})
+            if not seen or seen[-1] != (state, fields.get("state"), fields.get("started")):
+                seen.append((state, fields.get("state"), fields.get("started")))
+            # A killed delivery stays RUNNING in the record until the next one starts: key on
+            # the start time, not on the delivery counter (counted before the new start is
+            # recorded).
+            if fields.get("state") == "RUNNING" and fields["started"] not in killed:
+                with contextlib.suppress(ProcessLookupError):  # the OOM killer, each time
+                    os.kill(pid_of(fields), signal.SIGKILL)
+                killed.add(fields["started"])
+            time.sleep(0.003)
     record = records.get(job)
-    assert record["state"] == "FAILED", (seen, state, record)
+    assert record["state"] == "FAILED", f"{seen}\n{state}\n{record}\n{cluster.log_tails()}"
     assert len(killed) == 3
     assert record["steps"]["reshard:1"]["deliveries"] == 4  # the fourth was refused
     assert "reshard:1" in record["error"] and "died 3 times" in record["error"]

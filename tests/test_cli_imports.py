@@ -113,3 +113,31 @@ def test_wait_returns_for_a_job_that_already_ended(redis_url):
     thread, seen = _wait_in_thread(records, job)
     thread.join(timeout=30)
     assert seen["record"]["state"] == "FAILED"
+
+
+def test_listing_an_s3_source_imports_no_torch(s3_env, tmp_path):
+    """`porter submit` of an s3:// source identifies it (one listing) without the readers: the
+    listing's `Location` lives beside the sparse objects, not in the torch-importing mirror."""
+    import os
+
+    import boto3
+
+    client = boto3.session.Session().client("s3")
+    client.put_object(Bucket=s3_env, Key="ckpt/latest_checkpointed_iteration.txt", Body=b"10")
+    client.put_object(
+        Bucket=s3_env, Key="ckpt/iter_0000010/mp_rank_00/model_optim_rng.pt", Body=b"x"
+    )
+    code = (
+        "import json, sys\n"
+        "from tasks.storage.sources import source_identity\n"
+        f"files = source_identity('s3://{s3_env}/ckpt')\n"
+        "heavy = sorted({n.split('.')[0] for n in sys.modules} & {'torch', 'numpy', 'megatron'})\n"
+        "print(json.dumps({'files': [f[0] for f in files], 'heavy': heavy}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        env=dict(os.environ), check=False,
+    )  # fmt: skip
+    assert out.stdout.strip(), out.stderr[-2000:]
+    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    assert answer == {"files": ["iter_0000010/mp_rank_00/model_optim_rng.pt"], "heavy": []}

@@ -27,7 +27,6 @@ import threading
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +36,8 @@ from converters.errors import ConversionError, CorruptCheckpoint
 from converters.megatron.layout import SourceCheckpoint, open_checkpoint
 from converters.megatron.legacy import is_rank_model_file, is_storage_record, zip_records
 from converters.tensors import FileRange, LazyTensor
-from tasks.storage.base import ArtifactStore
 from tasks.storage.ranges import Range
-from tasks.storage.sparse import THREADS, FetchStats, SourceObject, SparseObject, digest
+from tasks.storage.sparse import THREADS, FetchStats, Location, SparseObject, digest
 
 _WHOLE_FILES = frozenset({"metadata.json", "common.pt", ".metadata"})  # fetched whole
 _ZIP_END = 4096  # the end of a zip: end of central directory records (zip64 ones too)
@@ -49,19 +47,6 @@ _EOCD = struct.Struct(
 )  # signature, disk fields, entries on disk, total, cd size, offset
 _ZIP64_LOCATOR = struct.Struct("<4s4xQ4x")  # signature, disk, zip64 EOCD offset, disks
 _ZIP64_EOCD = struct.Struct("<4s36xQQ")  # signature, ..., cd size, cd offset
-
-
-@dataclass(frozen=True)
-class Location:
-    """Where an s3:// checkpoint's iteration lives: store, key prefix and its files."""
-
-    store: ArtifactStore
-    prefix: str  # "" or "iter_0000100/"
-    objects: tuple[SourceObject, ...]
-
-    @property
-    def uri(self) -> str:
-        return self.store.uri(self.prefix.rstrip("/")) if self.prefix else self.store.uri()
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,13 +31,12 @@ from converters.megatron.layout import (
 from tasks.jobs import locations
 from tasks.jobs.ids import identity_digest
 from tasks.storage.base import ArtifactStore
-from tasks.storage.sparse import FetchStats, SourceChanged, SourceObject, read_exactly
+from tasks.storage.sparse import FetchStats, Location, SourceChanged, SourceObject, read_exactly
 from tasks.storage.store import open_store
 
 if TYPE_CHECKING:  # listing a source (its identity) needs no torch; the readers below import it
     from converters.tensors import LazyTensor
     from converters.trtllm.plan import Target
-    from tasks.storage.mirror import Location
 
 # --------------------------------------------------------------------------------------------
 # Public interface
@@ -208,8 +207,6 @@ def latest_iteration(root: str) -> tuple[str, str]:
 
 
 def _locate(uri: str) -> Location:
-    from tasks.storage.mirror import Location  # (imports the readers: torch)
-
     """The iteration of an s3:// checkpoint and its objects (sizes and ETags); errors name `uri`."""
     store = open_store(uri)
     prefix = _iteration_prefix(store)

@@ -206,3 +206,16 @@ class SparseObject:
         with open(self.data, "rb") as f:
             f.seek(start)
             return f.read(length)
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where an s3:// checkpoint's iteration lives: store, key prefix and its files."""
+
+    store: ArtifactStore
+    prefix: str  # "" or "iter_0000100/"
+    objects: tuple[SourceObject, ...]
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri(self.prefix.rstrip("/")) if self.prefix else self.store.uri()

@@ -128,13 +128,14 @@ def run_step(
     the plan (`planned=False`) runs only for a job that was planned and is RUNNING, and never
     writes into an OUTPUT another job committed (`_check_planned`, `_check_output`)."""
     rec = records()
-    state = rec.state(job)
-    if state is None or state in TERMINAL:
+    record = rec.get(job, steps=False)  # read once for the checks below
+    state = record["state"] if record else None
+    if record is None or state in TERMINAL:
         log.info("%s: job is %s; %s skipped", job, state, step)
         raise Ignore()
-    _check_sealed(rec, job, step)
+    _check_sealed(rec, record, job, step)
     if planned:
-        _check_planned(rec, job, step)
+        _check_planned(rec, record, job, step)
     deliveries = rec.count_delivery(job, step)
     if deliveries > 1:
         metrics.count_redelivery(step)
@@ -154,7 +155,7 @@ def run_step(
     try:
         rec.step(job, step, state=RUNNING, started=started, heartbeat=started, worker=worker,
                  node=node, task_id=task, error="")  # fmt: skip
-        if planned and _check_output(rec, job, step):
+        if planned and _check_output(record, job, step):
             rec.step(job, step, state=SUCCEEDED, finished=time.time(), skipped="committed")
             raise Ignore()  # this job committed OUTPUT already: nothing may be written there
         with _Heartbeat(job, step):
@@ -188,11 +189,11 @@ def run_step(
     return result
 
 
-def _check_sealed(rec: JobRecords, job: str, step: str) -> None:
+def _check_sealed(rec: JobRecords, record: dict[str, Any], job: str, step: str) -> None:
     """Before a step touches storage: its job record carries the submitter's seal
     (`tasks.jobs.seals`, with PORTER_JOB_SECRET); otherwise the job fails, unannounced."""
     try:
-        check_seal(settings().job_secret, rec.get(job, steps=False) or {"id": job})
+        check_seal(settings().job_secret, record)
     except UnsealedJob as exc:
         message = str(exc)
         rec.step(job, step, state=FAILED, error=message, finished=time.time())
@@ -201,11 +202,10 @@ def _check_sealed(rec: JobRecords, job: str, step: str) -> None:
         raise Reject(message, requeue=False) from None
 
 
-def _check_planned(rec: JobRecords, job: str, step: str) -> None:
+def _check_planned(rec: JobRecords, record: dict[str, Any], job: str, step: str) -> None:
     """A step (but the plan) runs only if the job's record says it is RUNNING and was planned in
     this attempt; otherwise (a message sent straight to the broker, or left from an earlier
     attempt) it is refused, noted in the step's record, and the job is left as it is."""
-    record = rec.get(job, steps=False) or {}
     inspected = record.get("inspected") or {}
     attempt = record.get("attempt")
     planned = inspected.get("job_id") == job and record.get("planned", attempt) == attempt
@@ -217,12 +217,9 @@ def _check_planned(rec: JobRecords, job: str, step: str) -> None:
     raise Ignore()
 
 
-def _check_output(rec: JobRecords, job: str, step: str) -> bool:
+def _check_output(record: dict[str, Any], job: str, step: str) -> bool:
     """Before a step writes: an error if another job committed OUTPUT (`manifest.json`); True
     if this job did (only publish may go on: it answers with the manifest)."""
-    record = rec.get(job, steps=False)
-    if record is None:
-        raise Ignore()
     return check_writable(_spec(record), job) is not None and step != "publish"
 
 

@@ -25,6 +25,7 @@ from converters.megatron.layout import (
     LATEST_FILE,
     SourceCheckpoint,
     detect_format,
+    iteration_dir_name,
     open_checkpoint,
     resolve_iteration_dir,
 )
@@ -174,16 +175,7 @@ def _iteration_prefix(store: ArtifactStore) -> str:
             raise SourceChanged("changed while it was being read; retry", store.uri(LATEST_FILE))
 
     data = read_exactly(store, LATEST_FILE, 0, min(tracker.bytes, 64), unchanged)
-    text = data.decode("ascii", "replace")
-    text = text.strip()
-    if text == "release":
-        return "release/"
-    if text.isdigit():
-        return f"iter_{int(text):07d}/"
-    raise NotAMegatronCheckpoint(  # never quotes the file: it may be a link to a secret
-        "expected an iteration number or 'release', found something else (not a number)",
-        store.uri(LATEST_FILE),
-    )
+    return iteration_dir_name(data.decode("ascii", "replace"), store.uri(LATEST_FILE)) + "/"
 
 
 def latest_iteration(root: str) -> tuple[str, str]:

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from converters.megatron.layout import iteration_dir_name
 from tasks.jobs.checks import InvalidSpec, check_location, show
 from tasks.jobs.locations import check_source
 from tasks.jobs.specs import JobSpec, parse_spec
@@ -36,10 +37,6 @@ def iteration_label(iteration: Any) -> str:
             f"iteration {show(iteration)} must be a Megatron iteration number or 'release'"
         )
     return str(int(text))
-
-
-def _dir_name(label: str) -> str:
-    return "release" if label == "release" else f"iter_{int(label):07d}"
 
 
 def _label_of_dir(name: str) -> str | None:
@@ -74,11 +71,10 @@ def checkpoint_at(checkpoint: Any, iteration: Any) -> tuple[str, str]:
                 "was given; give the training output root, or the matching iteration"
             )
         return base, label
-    location = f"{base}/{_dir_name(label)}"
+    name = iteration_dir_name(label, checkpoint)
+    location = f"{base}/{name}"
     if not _exists(location):
-        raise InvalidSpec(
-            f"no iteration {label} under {show(checkpoint)} ({_dir_name(label)}/ does not exist)"
-        )
+        raise InvalidSpec(f"no iteration {label} under {show(checkpoint)} ({name}/ does not exist)")
     return location, label
 
 

@@ -29,6 +29,6 @@ class MegatronStub:
         return f"MegatronStub{self.args}"
 
 
-def load_pt(path: Path, *, mmap: bool = True) -> Any:
+def load_pt(path: Path, *, span: tuple[int, int] | None = None) -> Any:
     """`converters.safe_load.load_pt`, with every `megatron.` global stubbed by `MegatronStub`."""
-    return safe_load.load_pt(path, mmap=mmap, stubs={STUBBED_PREFIX: MegatronStub})
+    return safe_load.load_pt(path, span=span, stubs={STUBBED_PREFIX: MegatronStub})

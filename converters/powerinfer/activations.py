@@ -1,7 +1,7 @@
 """Load PowerInfer activation statistics (`activation_<i>.pt`, one 1-D tensor per layer) safely.
 
-Files are read with `converters.safe_load.load_pt` (`weights_only=True`, allow-list): a
-pickle that references anything else is refused before it is loaded, so nothing in it runs. Layers
+Files are read with `converters.safe_load.load_pt` (no torch; inert globals only): a pickle
+that references anything else is refused before it is loaded, so nothing in it runs. Layers
 are ordered numerically (0, 1, 2, …, 10), not as strings (PowerInfer issue #247). Only names that
 match exactly `activation_<int>.pt` count; other files are ignored.
 """
@@ -14,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from converters.dtypes import BFLOAT16, BOOL, FLOAT32, cast
 from converters.powerinfer.errors import (
     BadActivationShape,
     BadActivationValues,
     MissingActivationLayer,
     NotATensor,
 )
+from converters.safe_load import StoredTensor, load_pt
 
 ACTIVATION_NAME = re.compile(r"activation_([0-9]+)\.pt")
 
@@ -78,26 +80,25 @@ def order_activation_names(names: list[str], where: str | Path) -> list[str]:
 
 def load_layer(path: Path) -> np.ndarray:
     """One layer's validated activation vector (float32 or float64, length n_ff) from a `.pt`."""
-    import torch  # here, not at the top: naming and ordering the files needs no torch
-
-    from converters.safe_load import load_pt
-
     obj = load_pt(path)
-    if not isinstance(obj, torch.Tensor):
+    if not isinstance(obj, StoredTensor):
         raise NotATensor(
             f"expected a torch.save'd 1-D tensor of activation counts, found {type(obj).__name__}",
             path,
         )
-    if obj.ndim != 1:
+    if len(obj.shape) != 1:
         raise BadActivationShape(
             f"expected a 1-D tensor of length n_ff, found shape {tuple(obj.shape)}", path
         )
-    if obj.dtype == torch.bool or obj.is_complex() or obj.is_quantized:
-        raise BadActivationValues(f"dtype {obj.dtype} is not a float or int type", path)
+    if obj.dtype is BOOL:
+        raise BadActivationValues(f"dtype torch.{obj.dtype} is not a float or int type", path)
     # float32 (and narrower floats, exactly) stay float32: half the memory, twice the sort speed;
     # integers and float64 become float64. Sums are always taken in float64.
-    narrow = obj.is_floating_point() and obj.element_size() <= 4
-    values = obj.to(torch.float32 if narrow else torch.float64).numpy()
+    narrow = obj.dtype.is_floating_point and obj.dtype.itemsize <= 4
+    values = obj.array()
+    if obj.dtype is BFLOAT16:
+        values = cast(values, BFLOAT16, FLOAT32)
+    values = values.astype(np.float32 if narrow else np.float64)  # a copy: the file is not kept
     if not np.isfinite(values).all():
         bad = int(np.flatnonzero(~np.isfinite(values))[0])
         raise BadActivationValues(f"value at neuron {bad} is {values[bad]} (NaN or infinite)", path)

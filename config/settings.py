@@ -11,13 +11,10 @@ repr or a log line.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
-
-import yaml
 
 HOUR = 3600
 
@@ -126,15 +123,31 @@ def read_config_file(path: Path) -> dict[str, Any]:
     """The Porter config file as a dict: TOML, or YAML for a .yaml/.yml name."""
     try:
         text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
-        else:
-            data = tomllib.loads(text)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        data = _yaml(text) if path.suffix in (".yaml", ".yml") else _toml(text)
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and TOMLDecodeError are ValueErrors
         raise ValueError(f"{path}: cannot read the Porter config file: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the Porter config file must be a table of settings")
     return data
+
+
+# The parsers are imported when a config file is read: without one (`porter status`, `jobs`,
+# `--help` on a workstation) neither yaml (≈10-30 ms) nor tomllib is loaded
+# (tests/test_cli_imports.py).
+def _toml(text: str) -> Any:
+    import tomllib
+
+    return tomllib.loads(text)
+
+
+def _yaml(text: str) -> Any:
+    """yaml.safe_load of `text` (an empty file is an empty table); a YAML error as ValueError."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -19,8 +19,14 @@ from tasks.jobs import service
 from tasks.jobs.records import JobRecords
 
 HEAVY = ("torch", "numba", "numpy", "celery", "megatron", "gguf", "safetensors", "transformers")
+# Lighter, but none of these commands uses them either (issue 16, ≈10-30 ms each): the config
+# file parsers when no PORTER_CONFIG is set (config.settings imports them to read one), and
+# importlib.metadata (Porter's version, asked for by a publish only; `status` and `jobs` load it
+# anyway, through the redis client, so it is checked on `--help`).
+NO_CONFIG = ("yaml", "tomllib")
+HELP_ONLY = ("importlib.metadata",)
 
-# Runs `porter ARGS` in this interpreter, then prints which heavy packages it loaded.
+# Runs `porter ARGS` in this interpreter, then prints which of FORBIDDEN it loaded.
 _RUN = """
 import json, sys
 from tasks.cli.main import main
@@ -28,14 +34,20 @@ try:
     code = main(sys.argv[1:])
 except SystemExit as exc:
     code = exc.code
-heavy = sorted({name.split(".")[0] for name in sys.modules} & set(HEAVY))
+heavy = sorted(name for name in FORBIDDEN if name in sys.modules)
 print(json.dumps({"code": code, "heavy": heavy}))
 """
 
 
-def _porter(args: list[str], env: dict[str, str] | None = None) -> dict:
-    """`porter ARGS` in a fresh interpreter: its exit code and the heavy packages it imported."""
-    code = f"HEAVY = {HEAVY!r}\n{_RUN}"
+def _porter(
+    args: list[str], env: dict[str, str] | None = None, forbidden: tuple[str, ...] = ()
+) -> dict:
+    """`porter ARGS` in a fresh interpreter, with no PORTER_CONFIG unless `env` names one: its
+    exit code and which of HEAVY + NO_CONFIG + `forbidden` it imported."""
+    import os
+
+    env = env if env is not None else {k: v for k, v in os.environ.items() if k != "PORTER_CONFIG"}
+    code = f"FORBIDDEN = {HEAVY + NO_CONFIG + forbidden!r}\n{_RUN}"
     out = subprocess.run(
         [sys.executable, "-c", code, *args],
         capture_output=True,
@@ -49,7 +61,7 @@ def _porter(args: list[str], env: dict[str, str] | None = None) -> dict:
 
 
 def test_help_and_every_kind_parser_import_nothing_heavy():
-    assert _porter(["--help"]) == {"code": 0, "heavy": []}
+    assert _porter(["--help"], forbidden=HELP_ONLY) == {"code": 0, "heavy": []}
     for kind in ("megatron-trtllm", "megatron-hf", "powerinfer-index"):
         assert _porter(["submit", kind, "--help"]) == {"code": 0, "heavy": []}
 
@@ -59,7 +71,28 @@ def job_env(redis_url, monkeypatch):
     import os
 
     monkeypatch.setenv("PORTER_REDIS_URL", redis_url)
+    monkeypatch.delenv("PORTER_CONFIG", raising=False)
     return dict(os.environ, PORTER_REDIS_URL=redis_url)
+
+
+def test_a_yaml_config_file_is_still_read(redis_url, job_env, tmp_path):
+    """The parsers are imported when a config file is read: a YAML file's settings apply (and
+    yaml shows up in the check above, so the check sees it), a malformed one is refused naming
+    the file."""
+    config = tmp_path / "porter.yaml"
+    config.write_text(f"porter:\n  redis_url: {redis_url}\n")
+    env = {k: v for k, v in job_env.items() if k != "PORTER_REDIS_URL"}
+    assert _porter(["jobs", "--limit", "1"], env | {"PORTER_CONFIG": str(config)}) == {
+        "code": 0,
+        "heavy": ["yaml"],
+    }
+    config.write_text("porter: [\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "jobs"], env=env | {"PORTER_CONFIG": str(config)},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert f"{config}: cannot read the Porter config file" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("kind", ["megatron-trtllm", "megatron-hf", "powerinfer-index"])

@@ -5,13 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 FORMAT_VERSION = 1  # bump when the bytes Porter writes for the same input change
 
 
 def porter_version() -> str:
+    """The installed Porter's version (written into manifests), "0+source" from a source tree.
+    importlib.metadata is imported here, not at the top: it costs the light commands (`porter
+    status`, `jobs`, `--help`) about 15 ms, and only a publish asks for the version."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("porter")
     except PackageNotFoundError:  # running from a source tree

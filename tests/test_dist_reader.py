@@ -5,18 +5,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import mmap
 import os
 import pickle
 import shutil
 import socket
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
-from converters.errors import CorruptCheckpoint, NotAMegatronCheckpoint, UnsafeCheckpoint
+from converters import dtypes
+from converters.errors import (
+    CorruptCheckpoint,
+    NotAMegatronCheckpoint,
+    UnsafeCheckpoint,
+    UnsupportedModel,
+)
+from converters.megatron import dcp_metadata
 from converters.megatron import dist as dist_mod
 from converters.megatron.dist import DistCheckpoint, read_dist_metadata
 
@@ -130,6 +141,35 @@ def copy(real: dict[str, Any], tmp_path: Path) -> Path:
     return Path(shutil.copytree(real["dir"], tmp_path / "ckpt"))
 
 
+def _bits(tensor: torch.Tensor) -> np.ndarray:
+    """The numpy array a reader returns for `tensor` (bfloat16 as its uint16 bits)."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
+    return tensor.contiguous().numpy()
+
+
+def _assert_same(got: np.ndarray, want: torch.Tensor, what: Any) -> None:
+    """`got` holds exactly `want`'s bits, shape and element type."""
+    want_bits = _bits(want)
+    assert isinstance(got, np.ndarray), what
+    assert got.shape == want_bits.shape and got.dtype == want_bits.dtype, what
+    assert got.tobytes() == want_bits.tobytes(), what
+
+
+def _trusted_metadata(path: Path) -> Any:
+    """A `.metadata` this test session wrote itself (trusted), unpickled into torch's classes:
+    the tests change it and pickle it back."""
+    return pickle.loads(path.read_bytes())
+
+
+def _mapping(array: np.ndarray) -> Any:
+    """The object at the end of `array`'s `.base` chain (a memoryview's underlying object)."""
+    base: Any = array
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return base.obj if isinstance(base, memoryview) else base
+
+
 def _merged(shards: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
     """The stacked global tensor built from per-rank, per-layer legacy shards."""
     layers = []
@@ -165,7 +205,8 @@ def test_keys_and_shapes(real: dict[str, Any]) -> None:
     for key, shape in EXPECTED_KEYS.items():
         assert ckpt.shape(key) == shape
         assert ckpt.tensor(key).shape == shape
-        assert ckpt.dtype(key) == torch.float32
+        assert ckpt.dtype(key) is dtypes.FLOAT32
+        assert ckpt.tensor(key).dtype is dtypes.FLOAT32
     with pytest.raises(KeyError):
         ckpt.shape("decoder.layers.self_attention.linear_proj._extra_state/shard_0_2")
 
@@ -193,8 +234,7 @@ def test_stacked_tensors_equal_merged_tp_shards(real: dict[str, Any]) -> None:
             assert torch.equal(shards[1][key], want)
         else:  # vocab-parallel embedding / output layer
             want = torch.cat([s[key] for s in shards], 0)
-        assert got.shape == want.shape, key
-        assert torch.equal(got, want), key
+        _assert_same(got, want, key)
 
 
 def test_matches_torch_dcp_loader(real: dict[str, Any]) -> None:
@@ -203,12 +243,12 @@ def test_matches_torch_dcp_loader(real: dict[str, Any]) -> None:
 
     ckpt = DistCheckpoint(real["dir"])
     names = ckpt.keys()
-    state = {k: torch.empty(ckpt.shape(k), dtype=ckpt.dtype(k)) for k in names}
+    state = {k: torch.empty(ckpt.shape(k), dtype=getattr(torch, ckpt.dtype(k).name)) for k in names}
     with warnings.catch_warnings():  # "torch.distributed is ... uninitialized"
         warnings.simplefilter("ignore")
         dcp.load(state, storage_reader=dcp.FileSystemReader(str(real["dir"])), no_dist=True)
     for key in names:
-        assert torch.equal(ckpt.tensor(key).materialize(), state[key]), key
+        _assert_same(ckpt.tensor(key).materialize(), state[key], key)
 
 
 def test_narrow_reads_only_overlapping_chunks(
@@ -221,9 +261,9 @@ def test_narrow_reads_only_overlapping_chunks(
     read: list[Any] = []
     real_read = dist_mod._read_chunk
 
-    def spy(f: Any, chunk: Any, key: str, dtype: torch.dtype) -> torch.Tensor:
+    def spy(chunk: Any, key: str, dtype: dtypes.DType, loaded: dict) -> np.ndarray:
         read.append(chunk)
-        return real_read(f, chunk, key, dtype)
+        return real_read(chunk, key, dtype, loaded)
 
     monkeypatch.setattr(dist_mod, "_read_chunk", spy)
 
@@ -231,14 +271,14 @@ def test_narrow_reads_only_overlapping_chunks(
     region = full_lazy.index0(1).narrow(0, 8, 16)
     assert region.shape == (16, 64)
     assert region.source_nbytes < full_lazy.source_nbytes / 3
-    assert torch.equal(region.materialize(), full[1, 8:24])
+    assert np.array_equal(region.materialize(), full[1, 8:24])
     assert [c.offsets for c in read] == [(1, 0, 0)]
     assert sum(c.length for c in read) == region.source_nbytes
 
     # Rows 40..56 straddle both TP shards of layer 0: two chunks, each read once.
     read.clear()
     region = full_lazy.index0(0).narrow(0, 40, 16).narrow(1, 3, 5)
-    assert torch.equal(region.materialize(), full[0, 40:56, 3:8])
+    assert np.array_equal(region.materialize(), full[0, 40:56, 3:8])
     assert sorted(c.offsets for c in read) == [(0, 0, 0), (0, 48, 0)]
     assert region.source_nbytes == sum(c.length for c in read)
 
@@ -248,6 +288,30 @@ def test_narrow_reads_only_overlapping_chunks(
     assert empty.source_nbytes == 0
     assert empty.materialize().shape == (2, 0, 64)
     assert read == []
+
+
+def test_element_types_read_bit_exact(tmp_path: Path) -> None:
+    """bfloat16 (as uint16 bits: NaN, ±inf, -0, subnormals kept), float16, int64 and a
+    transposed (strided) chunk, saved by torch.distributed.checkpoint itself."""
+    import torch.distributed.checkpoint as dcp
+
+    g = torch.Generator().manual_seed(0)
+    special = torch.tensor([float("nan"), -float("inf"), float("inf"), -0.0, 1e-40, 3.0e38])
+    state = {
+        "bf16": torch.cat([special, torch.randn(58, generator=g)]).reshape(8, 8).bfloat16(),
+        "transposed": torch.randn(6, 10, generator=g).bfloat16().t(),
+        "f16": torch.randn(3, 5, generator=g).half(),
+        "i64": torch.arange(12).reshape(3, 4),
+    }
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized"
+        warnings.simplefilter("ignore")
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp_path)), no_dist=True)
+    (tmp_path / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
+    ckpt = DistCheckpoint(tmp_path)
+    for key, tensor in state.items():
+        assert ckpt.dtype(key) is dtypes.named(str(tensor.dtype)), key
+        _assert_same(ckpt.tensor(key).materialize(), tensor, key)
+        _assert_same(ckpt.tensor(key).narrow(1, 1, 2).materialize(), tensor[:, 1:3], key)
 
 
 def test_narrow_gated_fc1_and_row_parallel(real: dict[str, Any]) -> None:
@@ -261,7 +325,10 @@ def test_narrow_gated_fc1_and_row_parallel(real: dict[str, Any]) -> None:
         size = lazy.shape[dim + 1]
         for start, length in [(0, size // 4), (size // 4, size // 2), (size - 7, 7)]:
             got = lazy.index0(1).narrow(dim, start, length).materialize()
-            assert torch.equal(got, full[1].narrow(dim, start, length)), (key, start, length)
+            want = (
+                full[1, start : start + length] if dim == 0 else full[1, :, start : start + length]
+            )
+            assert np.array_equal(got, want), (key, start, length)
 
 
 def test_common_returns_args(real: dict[str, Any]) -> None:
@@ -272,12 +339,74 @@ def test_common_returns_args(real: dict[str, Any]) -> None:
     assert ckpt.common["iteration"] == 1
 
 
-def test_real_metadata_globals_are_allow_listed(real: dict[str, Any]) -> None:
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    md = read_dist_metadata(real["dir"] / ".metadata")
-    assert isinstance(md, Metadata)
+def test_real_metadata_read_into_stand_ins_holds_what_torch_reads(real: dict[str, Any]) -> None:
+    """Every global of a real `.metadata` is allow-listed, and the inert stand-ins hold the same
+    chunks, storage entries and element types as torch's own classes."""
+    path = real["dir"] / ".metadata"
+    md = read_dist_metadata(path)
+    want = _trusted_metadata(path)
+    assert isinstance(md, dcp_metadata.Metadata)
+    assert md.state_dict_metadata.keys() == want.state_dict_metadata.keys()
     assert QKV in md.state_dict_metadata
+    for key, entry in want.state_dict_metadata.items():
+        got = md.state_dict_metadata[key]
+        assert type(got).__name__ == type(entry).__name__, key
+        if type(entry).__name__ != "TensorStorageMetadata":
+            continue
+        assert got.size == tuple(entry.size), key
+        assert got.properties.dtype is dtypes.named(str(entry.properties.dtype)), key
+        assert [(c.offsets, c.sizes) for c in got.chunks] == [
+            (tuple(c.offsets), tuple(c.sizes)) for c in entry.chunks
+        ], key
+    stored = {
+        (i.fqn, i.offset and tuple(i.offset)): (s.relative_path, s.offset, s.length)
+        for i, s in want.storage_data.items()
+    }
+    assert {
+        (i.fqn, i.offset): (s.relative_path, s.offset, s.length) for i, s in md.storage_data.items()
+    } == stored
+    assert len(stored) > len(EXPECTED_KEYS)
+
+
+def test_reading_tensors_imports_no_torch(real: dict[str, Any]) -> None:
+    """A conversion process reads a torch_dist checkpoint (metadata, common.pt, every tensor)
+    without importing torch."""
+    script = (
+        "import sys\n"
+        "from converters.megatron.dist import DistCheckpoint\n"
+        f"ckpt = DistCheckpoint({str(real['dir'])!r})\n"
+        "assert ckpt.common['iteration'] == 1\n"
+        "total = sum(int(ckpt.tensor(k).materialize().size) for k in ckpt.keys())\n"
+        "print(total, sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    total = sum(int(np.prod(shape)) for shape in EXPECTED_KEYS.values())
+    assert result.stdout.split() == [str(total), "[]"]
+
+
+def test_region_inside_one_chunk_is_a_view_of_the_mapping(real: dict[str, Any]) -> None:
+    ckpt = DistCheckpoint(real["dir"])
+    lazy = ckpt.tensor(QKV)
+    region = lazy.index0(1).narrow(0, 8, 16).narrow(1, 4, 32)  # inside TP shard 0 of layer 1
+    assert len(region.inner.chunks) == 1  # type: ignore[attr-defined]
+    got = region.materialize()
+    assert isinstance(_mapping(got), mmap.mmap)  # no copy: a view of the mapped .distcp
+    assert not got.flags.writeable
+    whole = lazy.index0(1).narrow(0, 0, 48).materialize()  # the whole chunk: a view of it too
+    assert isinstance(_mapping(whole), mmap.mmap) and np.shares_memory(got, whole)
+    _assert_same(got, _merged(real["shards"], QKV)[1, 8:24, 4:36], QKV)
+    # Straddling both TP shards: a new array of its own, filled from the two chunks.
+    both = lazy.index0(1).narrow(0, 40, 16).materialize()
+    assert isinstance(_mapping(both), np.ndarray)  # owns its memory (mapped by no file)
+    assert both.flags.writeable and both.flags.c_contiguous
+    assert not np.shares_memory(both, whole)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,7 +427,7 @@ def test_malicious_metadata_is_refused(copy: Path, tmp_path: Path, nested: bool)
     marker = tmp_path / "pwned"
     payload: Any = _Payload(marker)
     if nested:
-        md = read_dist_metadata(copy / ".metadata")
+        md = _trusted_metadata(copy / ".metadata")
         md.planner_data = {"x": payload}
         payload = md
     (copy / ".metadata").write_bytes(pickle.dumps(payload))
@@ -330,14 +459,34 @@ def test_truncated_after_open_is_reported_at_read(copy: Path) -> None:
 
 
 def test_chunk_not_matching_metadata(copy: Path) -> None:
-    md = read_dist_metadata(copy / ".metadata")
+    md = _trusted_metadata(copy / ".metadata")
     md.state_dict_metadata[QKV].properties.dtype = torch.float16
     (copy / ".metadata").write_bytes(pickle.dumps(md))
     ckpt = DistCheckpoint(copy)
+    assert ckpt.dtype(QKV) is dtypes.FLOAT16
     with pytest.raises(CorruptCheckpoint, match="metadata says") as err:
         ckpt.tensor(QKV).index0(0).materialize()
     assert ".distcp" in str(err.value)
     assert QKV in str(err.value)
+    assert "holds float32[1, 48, 64] but the metadata says float16[1, 48, 64]" in str(err.value)
+
+
+def test_element_type_porter_does_not_convert(copy: Path) -> None:
+    md = _trusted_metadata(copy / ".metadata")
+    md.state_dict_metadata[QKV].properties.dtype = torch.float8_e4m3fn
+    (copy / ".metadata").write_bytes(pickle.dumps(md))
+    with pytest.raises(UnsupportedModel, match=r"torch\.float8_e4m3fn") as err:
+        DistCheckpoint(copy)
+    assert QKV in str(err.value) and ".metadata" in str(err.value)
+
+
+def test_garbled_chunk_sizes_are_refused(copy: Path) -> None:
+    md = _trusted_metadata(copy / ".metadata")
+    md.state_dict_metadata[QKV].chunks[0].sizes = "48"
+    (copy / ".metadata").write_bytes(pickle.dumps(md))
+    with pytest.raises(CorruptCheckpoint, match="a str, not a list of integers") as err:
+        DistCheckpoint(copy)
+    assert QKV in str(err.value) and ".metadata" in str(err.value)
 
 
 def test_garbled_chunk_bytes(copy: Path) -> None:
@@ -387,7 +536,7 @@ def test_not_a_torch_dist_directory(copy: Path, tmp_path: Path) -> None:
 
 
 def test_storage_path_outside_directory_is_refused(copy: Path) -> None:
-    md = read_dist_metadata(copy / ".metadata")
+    md = _trusted_metadata(copy / ".metadata")
     for info in md.storage_data.values():
         info.relative_path = "../" + info.relative_path
     (copy / ".metadata").write_bytes(pickle.dumps(md))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from converters import dtypes
@@ -34,20 +34,18 @@ MAX_METADATA_BYTES = 2**30
 
 class Record:
     """An inert stand-in for one of DCP's dataclasses: the fields it was pickled with (BUILD sets
-    them; a call sets them by position, in the dataclass's field order), the rest at their
-    defaults (None)."""
+    them; a call sets them by position, in the dataclass's field order), the rest None."""
 
     _fields: tuple[str, ...] = ()
+
+    def __init_subclass__(cls) -> None:
+        for name in cls._fields:  # class-level defaults: a field the pickle did not set is None
+            setattr(cls, name, None)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if len(args) > len(self._fields):
             raise TypeError(f"{type(self).__name__} takes at most {len(self._fields)} fields")
         self.__dict__.update(zip(self._fields, args, strict=False), **kwargs)
-
-    def __getattr__(self, name: str) -> Any:  # a field the pickle did not set
-        if name in type(self)._fields:
-            return None
-        raise AttributeError(name)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
@@ -132,11 +130,6 @@ def _enum(kind: str) -> Any:
     return lambda value: Constant(kind, value)
 
 
-def _size(values: Any = ()) -> tuple:
-    """`torch.Size(values)`: a plain tuple."""
-    return tuple(values)
-
-
 _DCP = "torch.distributed.checkpoint"
 _SHARDED = "torch.distributed._shard.sharded_tensor.metadata"  # older torch's TensorProperties
 _STAND_INS: dict[tuple[str, str], Any] = {
@@ -157,9 +150,13 @@ _STAND_INS: dict[tuple[str, str], Any] = {
     (f"{_DCP}.planner", "BytesIOWriteData"): BytesIOWriteData,
     (_SHARDED, "TensorProperties"): TensorProperties,
     (_SHARDED, "MEM_FORMAT_ENCODING"): _enum("MEM_FORMAT_ENCODING"),
-    ("torch", "Size"): _size,
+    ("torch", "Size"): tuple,  # torch.Size(values): a plain tuple
     ("torch.serialization", "_get_layout"): lambda name: Constant("layout", name),
     ("collections", "OrderedDict"): collections.OrderedDict,
+    # StorageMeta.checkpoint_id of torch's own `dcp.save(..., FileSystemWriter(path))` (Megatron
+    # writes a str): a pure path, which has no methods that touch the file system.
+    ("pathlib", "PosixPath"): PurePosixPath,
+    ("pathlib", "PurePosixPath"): PurePosixPath,
 }
 # torch's other module-level constants a pickle may name (torch 2.13's `dir(torch)`): element
 # types without a `DType` (kept as `Constant("dtype", name)`, refused where a weight has one),

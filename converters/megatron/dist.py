@@ -1,4 +1,5 @@
-"""Read a Megatron `torch_dist` checkpoint on CPU, lazily and without running pickled code.
+"""Read a Megatron `torch_dist` checkpoint on CPU, lazily, without torch and without running
+pickled code.
 
 A torch_dist iteration directory holds `metadata.json` (names the backend), `common.pt` (non-tensor
 state such as `args`), `.metadata` (a pickled `torch.distributed.checkpoint` `Metadata`) and the
@@ -6,33 +7,38 @@ state such as `args`), `.metadata` (a pickled `torch.distributed.checkpoint` `Me
 (Megatron: one per layer per TP shard of a stacked `[num_layers, ...]` tensor). `.metadata` gives
 every chunk's global offsets and sizes (`state_dict_metadata`) and where its bytes are
 (`storage_data`: file, offset, length). Megatron writes each chunk as a `torch.save` zip blob of the
-chunk tensor, exactly as `FileSystemReader.read_data` expects; Porter reads only the byte range of
-each chunk a slice needs and loads it with `torch.load(weights_only=True)`.
+chunk tensor, exactly as `FileSystemReader.read_data` expects; Porter reads that blob in place
+(`load_pt(file, span=...)`: the chunk's array is a view of the mapped file) and only for the chunks
+a slice overlaps.
 
-`.metadata` is unpickled by a restricted unpickler that resolves only the checkpoint metadata
-classes listed in `_ALLOWED_GLOBALS`; any other global is refused by name before anything runs.
+`.metadata` is unpickled into inert stand-ins (`converters.megatron.dcp_metadata`); any global
+outside its allow-list is refused by name before anything runs.
 """
 
 from __future__ import annotations
 
-import collections
-import importlib
-import io
 import json
 import math
 import os
-import pickle
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
-from converters.errors import CorruptCheckpoint, NotAMegatronCheckpoint, UnsafeCheckpoint
-from converters.megatron.safe_load import MegatronStub, load_pt
-from converters.safe_load import check_tensor_sizes, check_torch_zip
+from converters.dtypes import DType
+from converters.errors import (
+    ConversionError,
+    CorruptCheckpoint,
+    NotAMegatronCheckpoint,
+    UnsafeCheckpoint,
+    UnsupportedModel,
+)
+from converters.megatron.dcp_metadata import Constant, TensorStorageMetadata, read_dist_metadata
+from converters.megatron.safe_load import load_pt
 from converters.tensors import FileRange, LazyTensor
+from converters.torch_zip import StoredTensor
 
 __all__ = ["DistCheckpoint", "DistRegion", "read_dist_metadata"]
 
@@ -40,109 +46,7 @@ _METADATA_JSON = "metadata.json"
 _METADATA = ".metadata"
 _COMMON = "common.pt"
 MAX_JSON_BYTES = 2**20  # metadata.json is a few hundred bytes
-# `.metadata` lists every chunk (with optimizer state: hundreds of thousands); larger is refused.
-MAX_METADATA_BYTES = 2**30
-
-_DCP = "torch.distributed.checkpoint"
-# The globals a `.metadata` written by torch.distributed.checkpoint (via Megatron) references. Seen
-# in a real file (torch 2.13, megatron-core 0.16.1): Metadata, TensorStorageMetadata,
-# BytesStorageMetadata, ChunkStorageMetadata, TensorProperties, _MEM_FORMAT_ENCODING,
-# MetadataIndex, StorageMeta, _StorageInfo, torch.Size, torch.float32 (any dtype),
-# torch.serialization._get_layout, and, inside `all_local_plans`, SavePlan, WriteItem,
-# WriteItemType, TensorWriteData. All are dataclasses, enums or value constructors.
-_ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
-    {
-        (f"{_DCP}.metadata", "Metadata"),
-        (f"{_DCP}.metadata", "TensorStorageMetadata"),
-        (f"{_DCP}.metadata", "BytesStorageMetadata"),
-        (f"{_DCP}.metadata", "ChunkStorageMetadata"),
-        (f"{_DCP}.metadata", "TensorProperties"),
-        (f"{_DCP}.metadata", "_MEM_FORMAT_ENCODING"),
-        (f"{_DCP}.metadata", "MetadataIndex"),
-        (f"{_DCP}.metadata", "StorageMeta"),
-        (f"{_DCP}.filesystem", "_StorageInfo"),
-        (f"{_DCP}.filesystem", "_StoragePrefix"),
-        (f"{_DCP}.planner", "SavePlan"),
-        (f"{_DCP}.planner", "WriteItem"),
-        (f"{_DCP}.planner", "WriteItemType"),
-        (f"{_DCP}.planner", "TensorWriteData"),
-        (f"{_DCP}.planner", "BytesIOWriteData"),
-        # Older torch wrote TensorProperties from the sharded-tensor module.
-        ("torch.distributed._shard.sharded_tensor.metadata", "TensorProperties"),
-        ("torch.distributed._shard.sharded_tensor.metadata", "MEM_FORMAT_ENCODING"),
-        ("torch", "Size"),
-        ("torch.serialization", "_get_layout"),
-        ("collections", "OrderedDict"),
-    }
-)
-# Megatron classes (older versions pickled `MCoreSavePlan` into `all_local_plans`) become inert.
-_STUBBED_PREFIX = "megatron."
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the allow-listed globals; refuses anything else by name."""
-
-    def __init__(self, file: io.BufferedIOBase, path: Path) -> None:
-        super().__init__(file)
-        self._path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            try:
-                return getattr(importlib.import_module(module), name)
-            except (ImportError, AttributeError) as exc:
-                raise CorruptCheckpoint(
-                    f"references {module}.{name}, which this torch version does not have",
-                    self._path,
-                ) from exc
-        if module == "torch":
-            value = getattr(torch, name, None)
-            if isinstance(value, torch.dtype | torch.memory_format | torch.layout):
-                return value
-        if module.startswith(_STUBBED_PREFIX):
-            return MegatronStub
-        raise UnsafeCheckpoint(
-            f"the pickle references {module}.{name}, which Porter does not load (it could run "
-            "code); nothing from the file was executed",
-            self._path,
-        )
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise UnsafeCheckpoint("the pickle uses persistent ids, which Porter refuses", self._path)
-
-
-def read_dist_metadata(path: Path) -> Any:
-    """Unpickle a torch.distributed.checkpoint `.metadata` file with the restricted unpickler."""
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    path = Path(path)
-    if not path.is_file():
-        raise CorruptCheckpoint("file is missing (torch_dist checkpoints need it)", path)
-    size = path.stat().st_size
-    if size > MAX_METADATA_BYTES:
-        raise CorruptCheckpoint(
-            f"is {size} bytes; Porter reads checkpoint metadata of at most {MAX_METADATA_BYTES}",
-            path,
-        )
-    try:
-        with path.open("rb") as f:
-            metadata = _MetadataUnpickler(f, path).load()
-    except (UnsafeCheckpoint, CorruptCheckpoint):
-        raise
-    except Exception as exc:  # truncated or garbled pickle stream
-        # the exception's text can hold bytes of the file ("invalid load key, 'x'"): its type only
-        raise CorruptCheckpoint(
-            f"cannot unpickle the checkpoint metadata ({type(exc).__name__})", path
-        ) from exc
-    if not isinstance(metadata, Metadata):
-        raise CorruptCheckpoint(
-            f"holds a {type(metadata).__name__}, not torch.distributed.checkpoint Metadata", path
-        )
-    if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(
-        metadata.storage_data, dict
-    ):
-        raise CorruptCheckpoint("metadata lacks state_dict_metadata or storage_data", path)
-    return metadata
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 @dataclass(frozen=True)
@@ -170,16 +74,20 @@ class DistRegion(LazyTensor):
     def __init__(
         self,
         key: str,
-        dtype: torch.dtype,
+        dtype: DType,
         chunks: list[_Chunk],
         start: tuple[int, ...],
         shape: tuple[int, ...],
+        loaded: dict[_Chunk, StoredTensor] | None = None,
     ) -> None:
+        """`loaded`: the chunks read so far, shared by every region of one checkpoint (a chunk's
+        archive is parsed once, however many slices read it)."""
         self.key = key
         self.dtype = dtype
         self.start = start
         self.shape = shape
         self.chunks = [c for c in chunks if _overlaps(c, start, shape)]
+        self._loaded = {} if loaded is None else loaded
 
     def narrow(self, dim: int, start: int, length: int) -> LazyTensor:
         self._check_narrow(dim, start, length)
@@ -187,7 +95,9 @@ class DistRegion(LazyTensor):
         new_start[dim] += start
         new_shape = list(self.shape)
         new_shape[dim] = length
-        return DistRegion(self.key, self.dtype, self.chunks, tuple(new_start), tuple(new_shape))
+        return DistRegion(
+            self.key, self.dtype, self.chunks, tuple(new_start), tuple(new_shape), self._loaded
+        )
 
     @property
     def source_nbytes(self) -> int:
@@ -197,47 +107,53 @@ class DistRegion(LazyTensor):
         """The stored bytes of every chunk overlapping the region (each chunk is read whole)."""
         return [(c.file, c.offset, c.length) for c in self.chunks]
 
-    def materialize(self) -> torch.Tensor:
-        out = torch.empty(self.shape, dtype=self.dtype)
+    def materialize(self) -> np.ndarray:
+        """The region's values: a read-only view of the mapped chunk when one chunk holds the
+        whole region, else a new array filled from the overlapping chunks."""
+        if len(self.chunks) == 1 and _contains(self.chunks[0], self.start, self.shape):
+            chunk = self.chunks[0]
+            return _read_chunk(chunk, self.key, self.dtype, self._loaded)[self._boxes(chunk)[0]]
+        out = np.empty(self.shape, dtype=self.dtype.numpy)
         covered = 0
-        by_file: dict[Path, list[_Chunk]] = collections.defaultdict(list)
-        for chunk in self.chunks:
-            by_file[chunk.file].append(chunk)
-        for file, chunks in by_file.items():
-            try:
-                f = file.open("rb")
-            except OSError as exc:
-                raise CorruptCheckpoint(
-                    f"cannot open (needed for {self.key}): {exc}", file
-                ) from exc
-            with f:
-                for chunk in sorted(chunks, key=lambda c: c.offset):
-                    data = _read_chunk(f, chunk, self.key, self.dtype)
-                    src, dst, n = [], [], 1
-                    for o, size, s, m in zip(
-                        chunk.offsets, chunk.sizes, self.start, self.shape, strict=True
-                    ):
-                        lo, hi = max(o, s), min(o + size, s + m)
-                        src.append(slice(lo - o, hi - o))
-                        dst.append(slice(lo - s, hi - s))
-                        n *= hi - lo
-                    out[tuple(dst)].copy_(data[tuple(src)])
-                    covered += n
-                    del data
-        if covered != out.numel():
+        for chunk in sorted(self.chunks, key=lambda c: (str(c.file), c.offset)):
+            src, dst = self._boxes(chunk)
+            part = _read_chunk(chunk, self.key, self.dtype, self._loaded)[src]
+            out[dst] = part
+            covered += part.size
+        if covered != out.size:
             raise CorruptCheckpoint(
-                f"the chunks of {self.key} cover {covered} of the {out.numel()} elements of "
+                f"the chunks of {self.key} cover {covered} of the {out.size} elements of "
                 f"region start={self.start} shape={self.shape}",
                 self.chunks[0].file.parent / _METADATA if self.chunks else None,
             )
         return out
 
+    def _boxes(self, chunk: _Chunk) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """(the overlap in the chunk's coordinates, the same in the region's)."""
+        src, dst = [], []
+        for o, n, s, m in zip(chunk.offsets, chunk.sizes, self.start, self.shape, strict=True):
+            lo, hi = max(o, s), min(o + n, s + m)
+            src.append(slice(lo - o, hi - o))
+            dst.append(slice(lo - s, hi - s))
+        return tuple(src), tuple(dst)
+
     def __repr__(self) -> str:
         return f"DistRegion({self.key!r}, start={self.start}, shape={self.shape}, {self.dtype})"
 
 
-def _read_chunk(f: io.BufferedReader, chunk: _Chunk, key: str, dtype: torch.dtype) -> torch.Tensor:
-    """Read and check one chunk: its byte range holds a `torch.save` blob of the chunk tensor."""
+def _contains(chunk: _Chunk, start: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    return all(
+        o <= s and s + m <= o + n
+        for o, n, s, m in zip(chunk.offsets, chunk.sizes, start, shape, strict=True)
+    )
+
+
+def _read_chunk(
+    chunk: _Chunk, key: str, dtype: DType, loaded: dict[_Chunk, StoredTensor]
+) -> np.ndarray:
+    """One chunk's array, checked: its byte range holds a `torch.save` blob of the chunk tensor,
+    read in place (a read-only view of the mapped file; nothing is copied). The file's size is
+    checked on every read; the archive is parsed once (`loaded`)."""
     file = chunk.file
     where = f"chunk of {key} at offsets {list(chunk.offsets)} (bytes {chunk.offset}+{chunk.length})"
     if chunk.transforms:
@@ -246,41 +162,36 @@ def _read_chunk(f: io.BufferedReader, chunk: _Chunk, key: str, dtype: torch.dtyp
             "which Porter does not read; re-save the checkpoint without them",
             file,
         )
-    f.seek(chunk.offset)
-    buf = f.read(chunk.length)
-    if len(buf) != chunk.length:
+    try:
+        with file.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            magic = os.pread(f.fileno(), len(_ZIP_MAGIC), chunk.offset)
+    except OSError as exc:
+        raise CorruptCheckpoint(f"cannot open (needed for {key}): {exc}", file) from exc
+    if chunk.offset + chunk.length > size:
+        held = max(0, size - chunk.offset)
         raise CorruptCheckpoint(
-            f"file is truncated: {where} ends past its end ({len(buf)} of {chunk.length} bytes read)",
+            f"file is truncated: {where} ends past its end ({held} of {chunk.length} bytes read)",
             file,
         )
-    if not buf.startswith(b"PK\x03\x04"):
+    if magic != _ZIP_MAGIC:
         raise CorruptCheckpoint(f"{where} is not a torch.save blob", file)
+    if chunk in loaded:
+        return loaded[chunk].array()
     try:
-        check_torch_zip(buf, file)
-    except CorruptCheckpoint as exc:
-        raise CorruptCheckpoint(f"{where}: {str(exc).removeprefix(f'{file}: ')}", file) from exc
-    try:
-        tensor = torch.load(io.BytesIO(buf), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpoint(
-            f"{where}: refused to unpickle (nothing was executed): {exc}", file
-        ) from exc
-    except Exception as exc:
-        raise CorruptCheckpoint(f"{where} cannot be loaded: {exc}", file) from exc
-    del buf
-    if not isinstance(tensor, torch.Tensor):
-        raise CorruptCheckpoint(f"{where} holds a {type(tensor).__name__}, not a tensor", file)
-    try:
-        check_tensor_sizes(tensor, file)
-    except CorruptCheckpoint as exc:
-        raise CorruptCheckpoint(f"{where}: {str(exc).removeprefix(f'{file}: ')}", file) from exc
-    if tuple(tensor.shape) != chunk.sizes or tensor.dtype != dtype:
+        stored = load_pt(file, span=(chunk.offset, chunk.offset + chunk.length))
+    except ConversionError as exc:  # the same error, saying which chunk
+        raise type(exc)(f"{where}: {exc.reason}", file) from exc
+    if not isinstance(stored, StoredTensor):
+        raise CorruptCheckpoint(f"{where} holds a {type(stored).__name__}, not a tensor", file)
+    if tuple(stored.shape) != chunk.sizes or stored.dtype != dtype:
         raise CorruptCheckpoint(
-            f"{where} holds {tensor.dtype}{list(tensor.shape)} but the metadata says "
+            f"{where} holds {stored.dtype}{list(stored.shape)} but the metadata says "
             f"{dtype}{list(chunk.sizes)}",
             file,
         )
-    return tensor
+    loaded[chunk] = stored
+    return stored.array()
 
 
 class DistCheckpoint:
@@ -308,35 +219,43 @@ class DistCheckpoint:
             )
         self.metadata_path = self.directory / _METADATA
         self.metadata = read_dist_metadata(self.metadata_path)
-        self._dtypes: dict[str, torch.dtype] = {}
+        self._dtypes: dict[str, DType] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._chunks: dict[str, list[_Chunk]] = {}
+        self._loaded: dict[_Chunk, StoredTensor] = {}  # chunks read so far (described, not held)
         self._index()
 
     def _index(self) -> None:
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
         md_path = self.metadata_path
         storage: dict[tuple[str, tuple[int, ...]], Any] = {}
         for index, info in self.metadata.storage_data.items():
             offset = getattr(index, "offset", None)
             if offset is not None:
-                storage[(index.fqn, tuple(int(x) for x in offset))] = info
+                where = f"storage entry of {getattr(index, 'fqn', None)!r}"
+                storage[(index.fqn, _ints(offset, f"the offset of the {where}", md_path))] = info
         file_sizes: dict[str, int] = {}
         for key, entry in self.metadata.state_dict_metadata.items():
             if not isinstance(entry, TensorStorageMetadata) or "_extra_state" in key:
                 continue  # bytes entries (`_extra_state/shard_*`) are not weights
-            shape = tuple(int(s) for s in entry.size)
-            dtype = entry.properties.dtype
-            if not isinstance(dtype, torch.dtype):
+            shape = _ints(entry.size, f"the size of {key}", md_path)
+            dtype = getattr(entry.properties, "dtype", None)
+            if isinstance(dtype, Constant) and dtype.kind == "dtype":
+                raise UnsupportedModel(
+                    f"{key} is stored as torch.{dtype.value}, an element type Porter does not "
+                    "convert",
+                    md_path,
+                )
+            if not isinstance(dtype, DType):
                 raise CorruptCheckpoint(
                     f"{key} has a dtype that is a {type(dtype).__name__}, not a torch dtype",
                     md_path,
                 )
             chunks = []
+            if not isinstance(entry.chunks, list | tuple):
+                raise CorruptCheckpoint(f"the chunks of {key} are not a list", md_path)
             for meta in entry.chunks:
-                offsets = tuple(int(x) for x in meta.offsets)
-                sizes = tuple(int(x) for x in meta.sizes)
+                offsets = _ints(getattr(meta, "offsets", None), f"a chunk offset of {key}", md_path)
+                sizes = _ints(getattr(meta, "sizes", None), f"a chunk size of {key}", md_path)
                 if len(offsets) != len(shape) or len(sizes) != len(shape):
                     raise CorruptCheckpoint(
                         f"chunk of {key} at {list(offsets)} has the wrong rank for {list(shape)}",
@@ -368,7 +287,7 @@ class DistCheckpoint:
         offsets: tuple[int, ...],
         sizes: tuple[int, ...],
         info: Any,
-        dtype: torch.dtype,
+        dtype: DType,
         file_sizes: dict[str, int],
     ) -> _Chunk:
         rel = getattr(info, "relative_path", None)
@@ -407,7 +326,7 @@ class DistCheckpoint:
     @cached_property
     def common(self) -> dict:
         """`common.pt` (non-tensor state: `args`, `iteration`, ...), loaded safely."""
-        common = load_pt(self.directory / _COMMON, mmap=False)
+        common = load_pt(self.directory / _COMMON)
         if not isinstance(common, dict):
             raise CorruptCheckpoint(
                 f"holds a {type(common).__name__}, not a dict", self.directory / _COMMON
@@ -425,7 +344,7 @@ class DistCheckpoint:
         """Global shape of tensor `key`."""
         return self._shapes[self._check_key(key)]
 
-    def dtype(self, key: str) -> torch.dtype:
+    def dtype(self, key: str) -> DType:
         """Stored dtype of tensor `key`."""
         return self._dtypes[self._check_key(key)]
 
@@ -433,12 +352,23 @@ class DistCheckpoint:
         """The global tensor `key` as a lazy region; nothing is read until `materialize()`."""
         key = self._check_key(key)
         shape = self._shapes[key]
-        return DistRegion(key, self._dtypes[key], self._chunks[key], (0,) * len(shape), shape)
+        return DistRegion(
+            key, self._dtypes[key], self._chunks[key], (0,) * len(shape), shape, self._loaded
+        )
 
     def _check_key(self, key: str) -> str:
         if key not in self._shapes:
             raise KeyError(f"{self.directory}: no tensor {key!r} in the torch_dist checkpoint")
         return key
+
+
+def _ints(values: Any, what: str, md_path: Path) -> tuple[int, ...]:
+    """`values` (a `torch.Size` in the pickle) as a tuple of ints; refused if it is not one."""
+    if not isinstance(values, tuple | list) or not all(type(v) is int for v in values):
+        raise CorruptCheckpoint(
+            f"{what} is a {type(values).__name__}, not a list of integers", md_path
+        )
+    return tuple(values)
 
 
 def _check_cover(key: str, shape: tuple[int, ...], chunks: list[_Chunk], md_path: Path) -> None:

@@ -78,12 +78,14 @@ def named(name: str) -> DType:
     return found
 
 
-def nonfinite_count(values: np.ndarray, dtype: DType) -> int:
-    """NaN and ±inf values in `values` (an array of `dtype`'s storage type; 0 for integer types),
-    from the exponent bits: integer operations on a view, no float arithmetic."""
-    if dtype.exponent is None or not values.size:
+def nonfinite_in(data: memoryview | bytes | np.ndarray, dtype: DType) -> int:
+    """NaN and ±inf values among the little-endian `dtype` values in `data` (0 for integer
+    types), from the exponent bits: integer operations on a view, no float arithmetic."""
+    if dtype.exponent is None:
         return 0
-    bits = values.reshape(-1).view(f"<u{dtype.itemsize}")
+    bits = np.frombuffer(data, dtype=f"<u{dtype.itemsize}")
+    if not bits.size:
+        return 0
     masked = np.bitwise_and(bits, dtype.magnitude)
     if masked.max() < dtype.exponent:  # the common case: one pass, no count
         return 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-import torch
-
+from converters import dtypes
 from converters.choices import DTYPE_NAMES
+from converters.dtypes import DType
 
 Normalization = Literal["LayerNorm", "RMSNorm"]
 PositionEmbedding = Literal["learned_absolute", "rope"]
@@ -119,7 +119,8 @@ class ModelConfig:
         return not self.moe_layer_pattern or bool(self.moe_layer_pattern[layer])
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def element_type(self) -> DType:
+        """The stored weights' element type."""
         return DTYPES[self.dtype]
 
     def to_dict(self) -> dict:
@@ -134,12 +135,11 @@ LLAMA3_ROPE_CONSTANTS: dict[str, float | int] = {
     "original_max_position_embeddings": 8192,
 }
 
-DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
+DTYPES: dict[str, DType] = {name: dtypes.named(name) for name in DTYPE_NAMES}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """The TensorRT-LLM name of a torch dtype ("bfloat16", ...)."""
-    for name, value in DTYPES.items():
-        if value == dtype:
-            return name
-    raise ValueError(f"unsupported dtype {dtype}; expected one of {', '.join(DTYPES)}")
+def dtype_name(dtype: DType) -> str:
+    """The TensorRT-LLM name of an element type ("bfloat16", ...)."""
+    if DTYPES.get(dtype.name) != dtype:
+        raise ValueError(f"unsupported dtype {dtype}; expected one of {', '.join(DTYPES)}")
+    return dtype.name

@@ -4,6 +4,9 @@ Readers expose every source tensor as a `LazyTensor` in its *global* (unsharded)
 rules narrow it to the rows or columns one target rank needs; only `materialize()` touches data,
 and it reads only the parts that overlap the final slice. Shapes and byte counts are known before
 anything is read, which is what planning (peak memory, bytes per rank) relies on.
+
+Data are numpy arrays of the tensor's `DType` (`converters.dtypes`): the conversion path never
+imports torch.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+import numpy as np
+
+from converters.dtypes import DType
 
 # (file, offset, length): a byte range of a local file that `materialize()` reads.
 FileRange = tuple[Path, int, int]
@@ -22,15 +27,16 @@ class LazyTensor(ABC):
     """A tensor-valued expression over sources that are read only when materialized."""
 
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
     @abstractmethod
     def narrow(self, dim: int, start: int, length: int) -> LazyTensor:
         """The slice [start, start + length) along `dim` (no data is read)."""
 
     @abstractmethod
-    def materialize(self) -> torch.Tensor:
-        """Read the data. The result may share memory with a read-only mapping: do not mutate."""
+    def materialize(self) -> np.ndarray:
+        """Read the data (an array of `dtype.numpy`). The result may share memory with a
+        read-only mapping: do not mutate."""
 
     @property
     @abstractmethod
@@ -63,6 +69,13 @@ class LazyTensor(ABC):
             )
 
 
+def narrow(array: np.ndarray, dim: int, start: int, length: int) -> np.ndarray:
+    """The view of `array` covering [start, start + length) along `dim` (no copy)."""
+    index = [slice(None)] * array.ndim
+    index[dim] = slice(start, start + length)
+    return array[tuple(index)]
+
+
 def _numel(shape: Sequence[int]) -> int:
     n = 1
     for size in shape:
@@ -71,19 +84,21 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 class Eager(LazyTensor):
-    """A tensor already addressable in memory (typically memory-mapped from a file)."""
+    """An array already addressable in memory (typically memory-mapped from a file)."""
 
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-        self.shape = tuple(tensor.shape)
-        self.dtype = tensor.dtype
+    def __init__(self, array: np.ndarray, dtype: DType) -> None:
+        if array.dtype != dtype.numpy:
+            raise ValueError(f"an array of {array.dtype} does not hold {dtype}")
+        self.array = array
+        self.shape = tuple(array.shape)
+        self.dtype = dtype
 
     def narrow(self, dim: int, start: int, length: int) -> LazyTensor:
         self._check_narrow(dim, start, length)
-        return Eager(self.tensor.narrow(dim, start, length))
+        return Eager(narrow(self.array, dim, start, length), self.dtype)
 
-    def materialize(self) -> torch.Tensor:
-        return self.tensor
+    def materialize(self) -> np.ndarray:
+        return self.array
 
     def file_ranges(self) -> list[FileRange]:
         return []  # already addressable: nothing for a caller to fetch
@@ -96,7 +111,7 @@ class Eager(LazyTensor):
 class Zeros(LazyTensor):
     """Zero padding (vocab rows beyond V, missing biases): costs no reads."""
 
-    def __init__(self, shape: Sequence[int], dtype: torch.dtype) -> None:
+    def __init__(self, shape: Sequence[int], dtype: DType) -> None:
         self.shape = tuple(shape)
         self.dtype = dtype
 
@@ -106,8 +121,8 @@ class Zeros(LazyTensor):
         shape[dim] = length
         return Zeros(shape, self.dtype)
 
-    def materialize(self) -> torch.Tensor:
-        return torch.zeros(self.shape, dtype=self.dtype)
+    def materialize(self) -> np.ndarray:
+        return np.zeros(self.shape, dtype=self.dtype.numpy)
 
     def file_ranges(self) -> list[FileRange]:
         return []
@@ -152,8 +167,8 @@ class Concat(LazyTensor):
             return self.parts[0].narrow(dim, 0, 0)
         return _concat(picked, dim)
 
-    def materialize(self) -> torch.Tensor:
-        return torch.cat([p.materialize() for p in self.parts], dim=self.dim)
+    def materialize(self) -> np.ndarray:
+        return np.concatenate([p.materialize() for p in self.parts], axis=self.dim)
 
     def file_ranges(self) -> list[FileRange]:
         return [r for part in self.parts for r in part.file_ranges()]
@@ -186,7 +201,7 @@ class _Squeeze0(LazyTensor):
         self._check_narrow(dim, start, length)
         return _Squeeze0(self.inner.narrow(dim + 1, start, length))
 
-    def materialize(self) -> torch.Tensor:
+    def materialize(self) -> np.ndarray:
         return self.inner.materialize()[0]
 
     def file_ranges(self) -> list[FileRange]:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from converters.errors import UnsupportedModel
 from converters.megatron.layout import open_checkpoint
+from converters.torch_arrays import materialize as as_torch
 from converters.trtllm.families import family_for
 from tasks.cli.main import main
 from tasks.jobs.checks import InvalidSpec
@@ -59,9 +60,9 @@ def test_tensorrt_llm_stores_norms_plus_one_and_an_unscaled_table(megatron, tmp_
     source = open_checkpoint(_layouts(checkpoints)["legacy_tp1_pp1"], "gemma")
     output = convert(source.path, tmp_path / "out", tp=1, architecture="gemma")
     rank = load_file(str(output / "rank0.safetensors"))
-    stored = source.tensor("decoder.layers.1.pre_mlp_layernorm.weight").materialize()
+    stored = as_torch(source.tensor("decoder.layers.1.pre_mlp_layernorm.weight"))
     assert torch.equal(rank["transformer.layers.1.post_layernorm.weight"], stored + 1)
-    words = source.tensor("embedding.word_embeddings.weight").materialize()
+    words = as_torch(source.tensor("embedding.word_embeddings.weight"))
     assert torch.equal(rank["transformer.vocab_embedding.weight"], words)
     assert torch.equal(rank["lm_head.weight"], words)  # the tied table, its own copy
 
@@ -109,7 +110,7 @@ def test_hugging_face_logits_match_megatron(megatron, tmp_path, layout):
     assert config["hidden_activation"] == "gelu_pytorch_tanh" and config["tie_word_embeddings"]
     tensors = tensors_of(out)
     assert "lm_head.weight" not in tensors
-    stored = open_checkpoint(source, "gemma").tensor("decoder.final_layernorm.weight").materialize()
+    stored = as_torch(open_checkpoint(source, "gemma").tensor("decoder.final_layernorm.weight"))
     assert torch.equal(tensors["model.norm.weight"], stored)
     assert_matches(hf_logits(out, checkpoints.tokens), checkpoints.logits)
     # Gemma's 1 + w applied to a weight that already had its +1: another model.

@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
+from converters.dtypes import FLOAT32
 from converters.megatron.example import Layout
 from tasks.cli.main import main
 from tasks.jobs.records import JobRecords
@@ -126,13 +126,13 @@ def test_megatron_args_are_shown_by_type_not_by_contents(field):
 
     changes = {field: SECRET_TEXT, **({"num_experts": 4} if field == "moe_layer_freq" else {})}
     with pytest.raises(ConversionError) as info:
-        model_config_from_args(_args(**changes), torch.float32, Path("model_optim_rng.pt"))
+        model_config_from_args(_args(**changes), FLOAT32, Path("model_optim_rng.pt"))
     assert field in str(info.value) and "a str" in str(info.value), info.value
     assert SECRET_TEXT[:4] not in str(info.value)
     # Megatron-LM's own names are still shown: they are a fixed set, not a file's text
     if field == "position_embedding_type":
         with pytest.raises(ConversionError, match="'mrope'"):
-            model_config_from_args(_args(**{field: "mrope"}), torch.float32, Path("m.pt"))
+            model_config_from_args(_args(**{field: "mrope"}), FLOAT32, Path("m.pt"))
 
 
 # --- a worker with no allow-list says so ------------------------------------------------------

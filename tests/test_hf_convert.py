@@ -22,7 +22,9 @@ from converters.hf.plan import HfTarget, hf_tensors, plan_shards
 from converters.megatron.example import Layout, write_example_checkpoints
 from converters.megatron.layout import SourceCheckpoint, open_checkpoint
 from converters.model import ModelConfig
-from converters.tensors import Eager, LazyTensor
+from converters.tensors import LazyTensor
+from converters.torch_arrays import eager, torch_dtype
+from converters.torch_arrays import materialize as as_torch
 from converters.trtllm.config import trtllm_config
 from converters.trtllm.convert import convert_rank
 from converters.trtllm.plan import Target
@@ -160,8 +162,8 @@ def test_gate_proj_is_the_activated_half_of_fc1(megatron):
         for r in range(2)
     ]
     tensors = {t.name: t.source for t in hf_tensors(open_checkpoint(path), HfTarget())}
-    gate = tensors["model.layers.1.mlp.gate_proj.weight"].materialize()
-    up = tensors["model.layers.1.mlp.up_proj.weight"].materialize()
+    gate = as_torch(tensors["model.layers.1.mlp.gate_proj.weight"])
+    up = as_torch(tensors["model.layers.1.mlp.up_proj.weight"])
     assert torch.equal(gate, torch.cat([shards[0][:64], shards[1][:64]]))
     assert torch.equal(up, torch.cat([shards[0][64:], shards[1][64:]]))
 
@@ -293,8 +295,8 @@ def perturbed(source: SourceCheckpoint) -> Patched:
         if not (norm or name.endswith(".bias")):
             return tensor
         gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-        noise = 0.3 * torch.randn(tensor.shape, generator=gen, dtype=tensor.dtype)
-        return Eager(noise + 1 if norm else noise)
+        noise = 0.3 * torch.randn(tensor.shape, generator=gen, dtype=torch_dtype(tensor.dtype))
+        return eager(noise + 1 if norm else noise)
 
     return Patched(source, patch)
 
@@ -307,10 +309,10 @@ def assert_qkv_split_by_group(checkpoint: SourceCheckpoint, tensors: dict[str, L
         name = f"decoder.layers.0.self_attention.linear_qkv.{kind}"
         if not checkpoint.has(name):
             continue
-        fused = checkpoint.tensor(name).materialize().reshape(ng, q + 2, d, -1)
+        fused = as_torch(checkpoint.tensor(name)).reshape(ng, q + 2, d, -1)
         expected = {"q": fused[:, :q], "k": fused[:, q], "v": fused[:, q + 1]}
         for p, rows in expected.items():
-            got = tensors[f"model.layers.0.self_attn.{p}_proj.{kind}"].materialize()
+            got = as_torch(tensors[f"model.layers.0.self_attn.{p}_proj.{kind}"])
             assert torch.equal(got, rows.reshape(got.shape)), (p, kind)
 
 
@@ -371,9 +373,9 @@ def test_zero_centred_norm_weights_are_written_with_the_one_added(megatron, tmp_
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         norm = f.get_tensor("model.layers.1.post_attention_layernorm.weight")
         final = f.get_tensor("model.norm.weight")
-    stored = checkpoint.tensor("decoder.layers.1.pre_mlp_layernorm.weight").materialize()
+    stored = as_torch(checkpoint.tensor("decoder.layers.1.pre_mlp_layernorm.weight"))
     assert torch.equal(norm, stored + 1)
-    assert torch.equal(final, checkpoint.tensor("decoder.final_layernorm.weight").materialize() + 1)
+    assert torch.equal(final, as_torch(checkpoint.tensor("decoder.final_layernorm.weight")) + 1)
 
 
 def test_nonfinite_weights_are_listed_or_refused_by_their_hf_name(megatron, tmp_path):
@@ -383,9 +385,9 @@ def test_nonfinite_weights_are_listed_or_refused_by_their_hf_name(megatron, tmp_
     def patch(name: str, tensor: LazyTensor) -> LazyTensor:
         if name != poisoned:
             return tensor
-        data = tensor.materialize().clone()
+        data = as_torch(tensor)
         data[70, 3] = float("nan")  # group 1 (rows 48..95), its third query head
-        return Eager(data)
+        return eager(data)
 
     checkpoint = Patched(open_checkpoint(path), patch)
     result = convert_shard(checkpoint, HfTarget(), 0, tmp_path / "model.safetensors")

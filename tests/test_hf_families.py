@@ -15,12 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from converters.dtypes import FLOAT32
 from converters.errors import CorruptCheckpoint, UnsupportedModel
 from converters.hf.families import family_for
 from converters.hf.plan import HfTarget, hf_tensors, plan_shards
 from converters.megatron.args import model_config_from_args
 from converters.megatron.layout import open_checkpoint
 from converters.model import ModelConfig
+from converters.torch_arrays import materialize as as_torch
 from converters.trtllm.config import trtllm_config
 from converters.trtllm.plan import Target, rank_tensors
 from tests.conftest import HF_LAYOUTS
@@ -122,7 +124,7 @@ def test_qwen3_head_size_and_qk_norms(converted, megatron):
         for hf, mcore in (("q_norm", "q_layernorm"), ("k_norm", "k_layernorm")):
             weight = tensors[f"model.layers.{layer}.self_attn.{hf}.weight"]
             stored = source.tensor(f"decoder.layers.{layer}.self_attention.{mcore}.weight")
-            assert weight.shape == (16,) and torch.equal(weight, stored.materialize())
+            assert weight.shape == (16,) and torch.equal(weight, as_torch(stored))
             assert (weight - 1).abs().max() > 0.1  # random, not megatron-core's initial ones
     assert tensors["model.layers.0.self_attn.q_proj.weight"].shape == (128, 64)
     assert tensors["model.layers.0.self_attn.o_proj.weight"].shape == (64, 128)
@@ -229,7 +231,7 @@ def _args(**changes) -> argparse.Namespace:
 
 
 def _config(**changes) -> ModelConfig:
-    return model_config_from_args(_args(**changes), torch.float32, Path("model_optim_rng.pt"))
+    return model_config_from_args(_args(**changes), FLOAT32, Path("model_optim_rng.pt"))
 
 
 def test_rope_scaling_and_qk_layernorm_arguments():

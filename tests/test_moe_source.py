@@ -19,6 +19,7 @@ from converters.megatron import names
 from converters.megatron.layout import open_checkpoint
 from converters.megatron.rank_dirs import rank_dir_name, rank_key
 from converters.model import ModelConfig
+from converters.torch_arrays import materialize as as_torch
 from tests.conftest import MOE_LAYOUTS
 from tests.test_bad_input import rewrite
 
@@ -50,17 +51,15 @@ def test_every_layout_reads_the_same_experts(megatron, fixture):
     if fixture == "moe_mixed_shared":
         reference = open_checkpoint(megatron(fixture).paths[REFERENCE])
     cfg = reference.config
-    expected = {name: reference.tensor(name).materialize() for name in _moe_names(cfg)}
+    expected = {name: as_torch(reference.tensor(name)) for name in _moe_names(cfg)}
     for layout, path in megatron(fixture).paths.items():
         source = open_checkpoint(path)
         assert replace(source.config, moe_grouped_gemm=False) == cfg, layout
         for name, tensor in expected.items():
-            assert torch.equal(source.tensor(name).materialize(), tensor), (layout, name)
+            assert torch.equal(as_torch(source.tensor(name)), tensor), (layout, name)
             # A slice of one expert is that slice (the re-shard rules narrow before reading).
             rows = tensor.shape[0] // 2
-            assert torch.equal(
-                source.tensor(name).narrow(0, 1, rows).materialize(), tensor[1:][:rows]
-            )
+            assert torch.equal(as_torch(source.tensor(name).narrow(0, 1, rows)), tensor[1:][:rows])
 
 
 def test_config_fields_and_distinct_experts(megatron):
@@ -75,14 +74,13 @@ def test_config_fields_and_distinct_experts(megatron):
     )
     assert ModelConfig(**json.loads(json.dumps(mixed.to_dict()))) == mixed  # as jobs store it
     experts = [
-        source.tensor(names.expert_name(layer, e, "linear_fc1.weight")).materialize()
+        as_torch(source.tensor(names.expert_name(layer, e, "linear_fc1.weight")))
         for layer in range(cfg.num_layers)
         for e in range(cfg.num_experts)
     ]
     assert all(not torch.equal(a, b) for i, a in enumerate(experts) for b in experts[:i])
     routers = [
-        source.tensor(names.layer_name(layer, "mlp.router.weight")).materialize()
-        for layer in (0, 1)
+        as_torch(source.tensor(names.layer_name(layer, "mlp.router.weight"))) for layer in (0, 1)
     ]
     assert (
         not torch.equal(*routers) and len(set(routers[0].flatten().tolist())) == routers[0].numel()

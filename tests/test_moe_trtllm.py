@@ -19,6 +19,7 @@ from safetensors import safe_open
 from converters.errors import IncompatibleParallelism
 from converters.megatron import names
 from converters.megatron.layout import open_checkpoint
+from converters.torch_arrays import materialize as as_torch
 from converters.trtllm.moe import check_moe_split
 from converters.trtllm.plan import Target, estimate_rank
 from tests.conftest import MOE_LAYOUTS, MOE_SMALL_LAYOUTS, read_json
@@ -97,7 +98,7 @@ def test_experts_sit_on_their_ranks_as_up_then_gate(megatron, tmp_path):
     path = checkpoints.paths[MOE_LAYOUTS[5]]  # torch_dist
     output = convert(path, tmp_path / "out", tp=4, moe_ep=2, dtype="bfloat16")
     source = open_checkpoint(path)
-    router = source.tensor(names.layer_name(0, "mlp.router.weight")).materialize()
+    router = as_torch(source.tensor(names.layer_name(0, "mlp.router.weight")))
     for rank in range(4):
         with safe_open(str(output / f"rank{rank}.safetensors"), "pt") as f:
             assert f.get_tensor("transformer.layers.0.mlp.router.weight").dtype == torch.float32
@@ -108,8 +109,8 @@ def test_experts_sit_on_their_ranks_as_up_then_gate(megatron, tmp_path):
         assert tuple(proj.shape) == (2, 32, 24)
         for j in range(2):
             expert = (rank % 2) * 2 + j
-            fc1 = source.tensor(names.expert_name(0, expert, "linear_fc1.weight")).materialize()
-            fc2 = source.tensor(names.expert_name(0, expert, "linear_fc2.weight")).materialize()
+            fc1 = as_torch(source.tensor(names.expert_name(0, expert, "linear_fc1.weight")))
+            fc2 = as_torch(source.tensor(names.expert_name(0, expert, "linear_fc2.weight")))
             gate, up = fc1.chunk(2)
             shard = slice((rank // 2) * 24, (rank // 2 + 1) * 24)
             expected = torch.cat([up[shard], gate[shard]]).to(torch.bfloat16)

@@ -195,21 +195,6 @@ def test_optimizer_bytes_stay_holes(megatron, s3_env, cache, tmp_path):
             assert torch.equal(mirrored["model"][key], value), key
 
 
-def test_unlocated_storages_fall_back_to_whole_files(
-    megatron, s3_env, cache, tmp_path, monkeypatch
-):
-    import converters.megatron.legacy as legacy
-
-    monkeypatch.setattr(legacy, "_storage_offsets", lambda path, state: None)
-    root = megatron("llama").paths[LEGACY_TP2]
-    uri = upload(s3_env, root, "ckpt")
-    source, stats = sources.open_source_for_rank(uri, Target(2), 1, cache, coalesce_gap=0)
-    whole = object_bytes(root / "iter_0000010")
-    assert stats.bytes_fetched == present_bytes(cache) == whole  # both rank files, whole
-    want = converted(open_checkpoint(root), Target(2), 1, tmp_path / "want")
-    assert converted(source, Target(2), 1, tmp_path / "got") == want
-
-
 def test_metadata_only_open(megatron, s3_env, cache):
     for layout in (LEGACY_TP2, DIST_TP2):
         root = megatron("gpt").paths[layout]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
+from converters.dtypes import FLOAT16, FLOAT32
 from converters.errors import IncompatibleParallelism
 from converters.model import ModelConfig
-from converters.tensors import Concat, Eager, Zeros
+from converters.tensors import Concat, Eager, Zeros, narrow
+from converters.torch_arrays import from_torch
 from converters.trtllm import reshard
 from converters.trtllm.writer import SafetensorsWriter, TensorSpec
 
@@ -29,30 +32,33 @@ class CountingEager(Eager):
     read = 0
 
     def narrow(self, dim, start, length):
-        out = CountingEager(self.tensor.narrow(dim, start, length))
-        return out
+        return CountingEager(narrow(self.array, dim, start, length), self.dtype)
 
     def materialize(self):
-        CountingEager.read += self.tensor.numel()
-        return self.tensor
+        CountingEager.read += self.array.size
+        return self.array
+
+
+def _eager(tensor: torch.Tensor) -> Eager:
+    return Eager(*from_torch(tensor))
 
 
 def test_concat_narrow_reads_only_overlapping_parts():
-    parts = [torch.arange(12.0).reshape(3, 4) + 100 * i for i in range(4)]
-    lazy = Concat([CountingEager(p) for p in parts], 0)
+    parts = [np.arange(12.0, dtype=np.float32).reshape(3, 4) + 100 * i for i in range(4)]
+    lazy = Concat([CountingEager(p, FLOAT32) for p in parts], 0)
     CountingEager.read = 0
     got = lazy.narrow(0, 4, 4).materialize()
-    assert torch.equal(got, torch.cat(parts)[4:8])
+    assert np.array_equal(got, np.concatenate(parts)[4:8])
     assert CountingEager.read == 16  # rows 4..7 live in parts 1 and 2 only
     assert lazy.narrow(1, 1, 2).materialize().shape == (12, 2)
 
 
 def test_zero_padding_costs_no_reads():
-    padded = reshard.pad_rows(Eager(torch.ones(5, 3)), 8)
+    padded = reshard.pad_rows(_eager(torch.ones(5, 3)), 8)
     assert padded.shape == (8, 3)
     assert padded.source_nbytes == 5 * 3 * 4
     tail = padded.narrow(0, 6, 2)
-    assert tail.source_nbytes == 0 and torch.equal(tail.materialize(), torch.zeros(2, 3))
+    assert tail.source_nbytes == 0 and np.array_equal(tail.materialize(), np.zeros((2, 3)))
 
 
 def _megatron_qkv(cfg: ModelConfig) -> torch.Tensor:
@@ -77,7 +83,7 @@ def test_qkv_for_rank_follows_spec(parts):
         cfg.num_attention_heads,
     )
     for rank in range(parts):
-        got = reshard.qkv_for_rank(Eager(qkv), cfg, rank, parts).materialize()[:, 0]
+        got = reshard.qkv_for_rank(_eager(qkv), cfg, rank, parts).materialize()[:, 0]
         heads = range(rank * nh // parts, (rank + 1) * nh // parts)
         groups = (
             range(rank * ng // parts, (rank + 1) * ng // parts)
@@ -103,15 +109,18 @@ def test_incompatible_tp_is_a_clear_error():
 
 def test_writer_round_trip_and_state_machine(tmp_path):
     tensors = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(7, dtype=torch.float32)}
-    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    arrays = {n: from_torch(t) for n, t in tensors.items()}
+    specs = [TensorSpec(n, tuple(a.shape), dtype) for n, (a, dtype) in arrays.items()]
     path = tmp_path / "x.safetensors"
     with SafetensorsWriter(path, specs, {"format": "pt"}) as writer:
         with pytest.raises(RuntimeError, match="expected tensor a next"):
-            writer.write("b", tensors["b"])
-        writer.write("a", tensors["a"])
+            writer.write("b", arrays["b"][0])
+        writer.write("a", arrays["a"][0])
         with pytest.raises(RuntimeError, match="declared"):
-            writer.write("b", tensors["b"][:3])
-        writer.write("b", tensors["b"])
+            writer.write("b", arrays["b"][0][:3])
+        with pytest.raises(RuntimeError, match="declared"):  # float64 bits for float32
+            writer.write("b", arrays["b"][0].astype(np.float64))
+        writer.write("b", arrays["b"][0])
         written = writer.close()
     assert written.bytes == path.stat().st_size
     with safe_open(str(path), framework="pt") as f:
@@ -121,22 +130,22 @@ def test_writer_round_trip_and_state_machine(tmp_path):
 
 
 def test_writer_refuses_to_finish_early(tmp_path):
-    specs = [TensorSpec("a", (2,), torch.float32), TensorSpec("b", (2,), torch.float32)]
+    specs = [TensorSpec("a", (2,), FLOAT32), TensorSpec("b", (2,), FLOAT32)]
     writer = SafetensorsWriter(tmp_path / "y.safetensors", specs)
-    writer.write("a", torch.zeros(2))
+    writer.write("a", np.zeros(2, dtype=np.float32))
     with pytest.raises(RuntimeError, match="only 1 of 2"):
         writer.close()
 
 
 def test_zeros_concat_dtype_mismatch_is_refused():
     with pytest.raises(ValueError, match="mixed dtypes"):
-        Concat([Eager(torch.ones(2)), Zeros((2,), torch.float16)], 0)
+        Concat([_eager(torch.ones(2)), Zeros((2,), FLOAT16)], 0)
 
 
 def test_writer_streams_a_tensor_in_row_blocks(tmp_path):
     """A merged vocab embedding is written part by part (never joined in memory): same bytes."""
-    whole = torch.randn(10, 4)
-    specs = [TensorSpec("e", (10, 4), torch.float32)]
+    whole = np.random.default_rng(0).standard_normal((10, 4), dtype=np.float32)
+    specs = [TensorSpec("e", (10, 4), FLOAT32)]
     with SafetensorsWriter(tmp_path / "parts.safetensors", specs) as writer:
         writer.write_rows("e", iter([whole[:3], whole[3:]]))
         parts = writer.close()

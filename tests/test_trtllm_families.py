@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from converters.dtypes import FLOAT32
 from converters.errors import UnsupportedModel
 from converters.megatron.args import model_config_from_args
 from tests.conftest import HF_LAYOUTS, LAYOUTS, read_json
@@ -158,5 +159,5 @@ def test_falcon_and_nemotron_nas_are_refused_by_name(megatron, argument, value, 
     args = torch.load(path, weights_only=False, mmap=True)["args"]
     setattr(args, argument, value)
     with pytest.raises(UnsupportedModel, match=rf"{feature}.*{argument}.*not supported") as err:
-        model_config_from_args(args, torch.float32, path)
+        model_config_from_args(args, FLOAT32, path)
     assert str(path) in str(err.value)

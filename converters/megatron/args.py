@@ -6,8 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from converters.dtypes import DType
 from converters.errors import CorruptCheckpoint, NotAMegatronCheckpoint, UnsupportedModel
 from converters.model import ModelConfig, dtype_name
 
@@ -200,7 +199,7 @@ def _moe_fields(args: Any, layers: int, path: Path) -> dict[str, Any]:
     }
 
 
-def model_config_from_args(args: Any, stored_dtype: torch.dtype, path: Path) -> ModelConfig:
+def model_config_from_args(args: Any, stored_dtype: DType, path: Path) -> ModelConfig:
     """Build the `ModelConfig` from a checkpoint's `args`; `path` names the file for errors."""
     if args is None or not hasattr(args, "__dict__"):
         raise NotAMegatronCheckpoint("no training `args` in the checkpoint", path)

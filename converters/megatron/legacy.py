@@ -7,6 +7,7 @@ never the optimizer state stored in the same files).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import struct
 import zipfile
@@ -14,8 +15,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
+from converters.dtypes import DType, cast
 from converters.errors import CorruptCheckpoint, NotAMegatronCheckpoint, UnsupportedModel
 from converters.megatron import names
 from converters.megatron.args import expert_parallel_sizes, model_config_from_args, parallel_sizes
@@ -30,7 +32,8 @@ from converters.megatron.rank_dirs import (
 )
 from converters.megatron.safe_load import load_pt
 from converters.model import ModelConfig
-from converters.tensors import Concat, FileRange, LazyTensor, concat
+from converters.tensors import Concat, FileRange, LazyTensor, concat, narrow
+from converters.torch_zip import StoredTensor
 
 _STORAGE_RECORD = re.compile(r"(?:^|/)data/[^/]+$")  # torch.save: "<archive>/data/<storage key>"
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # zip local file header: signature ... name/extra lengths
@@ -64,45 +67,13 @@ def zip_records(path: Path) -> dict[str, tuple[int, int]]:
         raise CorruptCheckpoint(f"cannot read the zip directory: {exc}", path) from exc
 
 
-def _storage_offsets(path: Path, state: dict[str, Any]) -> dict[int, int] | None:
-    """{storage data_ptr: file offset} for the tensors of a state dict loaded with mmap=True.
-
-    All storages of such a file are slices of one mapping of the whole file, so each data_ptr is
-    base + record offset for one base. That base is the one that maps every storage onto a storage
-    record of exactly its size; None when no single base does (the caller then assumes the file).
-    """
-    sizes: dict[int, int] = {}
-    for value in state.values():
-        if isinstance(value, torch.Tensor) and value.untyped_storage().nbytes():
-            storage = value.untyped_storage()
-            sizes[storage.data_ptr()] = storage.nbytes()
-    if not sizes:
-        return {}
-    records = {
-        start: length
-        for name, (start, length) in zip_records(path).items()
-        if is_storage_record(name)
-    }
-    anchor = min(sizes)
-    bases = [
-        anchor - start
-        for start in records
-        if all(records.get(ptr - (anchor - start)) == n for ptr, n in sizes.items())
-    ]
-    if len(bases) != 1:
-        return None
-    return {ptr: ptr - bases[0] for ptr in sizes}
-
-
-def _byte_span(tensor: torch.Tensor) -> tuple[int, int] | None:
-    """[start, end) bytes of its storage that a (strided) tensor view covers; None if empty."""
-    if tensor.numel() == 0:
-        return None
-    first = tensor.storage_offset()
-    last = first + sum(
-        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
-    )
-    return first * tensor.element_size(), (last + 1) * tensor.element_size()
+def _narrowed(stored: StoredTensor, region: tuple[tuple[int, int, int], ...]) -> StoredTensor:
+    """The stored tensor's view of `region` ((dim, start, length) slices, in order)."""
+    shape, offset = list(stored.shape), stored.storage_offset
+    for dim, start, length in region:
+        offset += start * stored.stride[dim]
+        shape[dim] = length
+    return dataclasses.replace(stored, shape=tuple(shape), storage_offset=offset)
 
 
 class _ShardFiles:
@@ -113,7 +84,6 @@ class _ShardFiles:
         self.moe = True  # whether MoE keys are known (set from `args` before any model is read)
         self._models: dict[RankKey, tuple[Path, dict[str, Any]]] = {}
         self._payloads: dict[RankKey, dict[str, Any]] = {}
-        self._offsets: dict[RankKey, dict[int, int] | None] = {}
 
     def rekey(self, keys: dict[Any, RankKey]) -> None:
         """Name the files by (tp, pp, ep) once the args have told what their names mean."""
@@ -128,7 +98,7 @@ class _ShardFiles:
         raise CorruptCheckpoint(f"no {MODEL_FILES[0]} in the rank directory", folder)
 
     def payload(self, rank: RankKey) -> dict[str, Any]:
-        """The whole unpickled dict of a rank file (tensors memory-mapped, not read)."""
+        """The whole unpickled dict of a rank file (tensors described, not read)."""
         if rank not in self._payloads:
             path = self.path(rank)
             payload = load_pt(path)
@@ -161,13 +131,6 @@ class _ShardFiles:
             self._models[rank] = (path, state)
         return self._models[rank]
 
-    def storage_offsets(self, rank: RankKey) -> dict[int, int] | None:
-        """{storage data_ptr: offset in the rank file} of the model tensors; None if unknown."""
-        if rank not in self._offsets:
-            path, state = self.model(rank)
-            self._offsets[rank] = _storage_offsets(path, state)
-        return self._offsets[rank]
-
 
 def _canonical_local(key: str) -> str | None:
     """Canonical name with the *local* layer number for a stored key, or None if unknown (a
@@ -190,7 +153,7 @@ class _ShardTensor(LazyTensor):
         rank: RankKey,
         key_candidates: tuple[str, ...],
         shape: tuple[int, ...],
-        dtype: torch.dtype,
+        dtype: DType,
         region: tuple[tuple[int, int, int], ...] = (),
     ) -> None:
         self.files, self.rank, self.keys = files, rank, key_candidates
@@ -212,49 +175,43 @@ class _ShardTensor(LazyTensor):
             (*self.region, (dim, start, length)),
         )
 
-    def _stored(self) -> tuple[Path, torch.Tensor]:
-        """(rank file, the stored, memory-mapped tensor), checked against the expected shape."""
+    def _stored(self) -> tuple[Path, StoredTensor]:
+        """(rank file, the stored tensor), checked against the expected shape."""
         path, state = self.files.model(self.rank)
         key = next((k for k in self.keys if k in state), None)
         if key is None:
             raise CorruptCheckpoint(f"missing parameter {self.keys[0]}", path)
         tensor = state[key]
-        if not isinstance(tensor, torch.Tensor):
+        if not isinstance(tensor, StoredTensor):
             raise CorruptCheckpoint(f"{key} is not a tensor", path)
-        if tuple(tensor.shape) != self.full_shape:
+        if tensor.shape != self.full_shape:
             raise CorruptCheckpoint(
-                f"{key} has shape {tuple(tensor.shape)}, expected {self.full_shape} "
+                f"{key} has shape {tensor.shape}, expected {self.full_shape} "
                 "(shards disagree with each other or with `args`)",
                 path,
             )
         return path, tensor
 
-    def _narrowed(self, tensor: torch.Tensor) -> torch.Tensor:
-        for dim, start, length in self.region:
-            tensor = tensor.narrow(dim, start, length)
-        return tensor
-
-    def materialize(self) -> torch.Tensor:
+    def materialize(self) -> np.ndarray:
         _, tensor = self._stored()
-        if tensor.dtype != self.dtype:
-            tensor = tensor.to(self.dtype)
-        return self._narrowed(tensor)
+        if tensor.dtype == self.dtype:
+            return _narrowed(tensor, self.region).array()
+        array = cast(tensor.array(), tensor.dtype, self.dtype)  # stored unlike the rest: cast
+        for dim, start, length in self.region:
+            array = narrow(array, dim, start, length)
+        return array
 
     def file_ranges(self) -> list[FileRange]:
-        """The bytes of the backing storage that the region covers (all of it if a cast reads
-        the whole tensor); the whole file when storages cannot be located in it."""
+        """The bytes of the rank file that the region covers (all of the tensor if a cast reads
+        the whole tensor)."""
         path, tensor = self._stored()
-        offsets = self.files.storage_offsets(self.rank)
-        storage = tensor.untyped_storage()
-        if not storage.nbytes():
-            return []
-        if offsets is None or storage.data_ptr() not in offsets:
-            return [(path, 0, path.stat().st_size)]
-        span = _byte_span(tensor if tensor.dtype != self.dtype else self._narrowed(tensor))
+        span = (
+            tensor if tensor.dtype != self.dtype else _narrowed(tensor, self.region)
+        ).byte_range()
         if span is None:
             return []
         start, end = span
-        return [(path, offsets[storage.data_ptr()] + start, end - start)]
+        return [(path, start, end - start)]
 
     @property
     def source_nbytes(self) -> int:
@@ -272,7 +229,7 @@ class _GroupedExpert(_ShardTensor):
         rank: RankKey,
         key: str,
         shape: tuple[int, ...],
-        dtype: torch.dtype,
+        dtype: DType,
         expert: int,
         local_experts: int,
         region: tuple[tuple[int, int, int], ...] = (),
@@ -294,7 +251,7 @@ class _GroupedExpert(_ShardTensor):
             region,
         )
 
-    def _stored(self) -> tuple[Path, torch.Tensor]:
+    def _stored(self) -> tuple[Path, StoredTensor]:
         path, state = self.files.model(self.rank)
         key = self.keys[0]
         packed = state.get(key)
@@ -302,15 +259,23 @@ class _GroupedExpert(_ShardTensor):
         expected = (in_size, self.local_experts * out_size)
         if key.endswith("weight2"):
             expected = (self.local_experts * in_size, out_size)
-        if not isinstance(packed, torch.Tensor) or tuple(packed.shape) != expected:
-            found = tuple(packed.shape) if isinstance(packed, torch.Tensor) else type(packed)
+        if not isinstance(packed, StoredTensor) or packed.shape != expected:
+            found = packed.shape if isinstance(packed, StoredTensor) else type(packed)
             raise CorruptCheckpoint(
                 f"{key} is {found}, expected {expected} for {self.local_experts} local experts "
                 "(GroupedMLP, [in, out])",
                 path,
             )
-        experts = packed.reshape(self.local_experts, in_size, out_size)
-        return path, experts[self.expert].t()
+        if packed.stride != (expected[1], 1):
+            raise CorruptCheckpoint(f"{key} is not stored contiguously (GroupedMLP)", path)
+        # megatron-core's `.view(E_local, in, out)[j]`, transposed: [out, in] over one [in, out] run
+        expert = dataclasses.replace(
+            packed,
+            shape=(out_size, in_size),
+            stride=(1, out_size),
+            storage_offset=packed.storage_offset + self.expert * in_size * out_size,
+        )
+        return path, expert
 
 
 class LegacyCheckpoint:
@@ -393,12 +358,12 @@ class LegacyCheckpoint:
         layers = {parsed[0] for key in state if (parsed := names.parse_layer_key(key))}
         return len(layers)
 
-    def _stored_dtype(self, path: Path) -> torch.dtype:
+    def _stored_dtype(self, path: Path) -> DType:
         _, state = self._files.model((0, 0, 0))
         for key, value in state.items():
             if (
-                isinstance(value, torch.Tensor)
-                and value.is_floating_point()
+                isinstance(value, StoredTensor)
+                and value.dtype.is_floating_point
                 and not names.is_ignored(key)
             ):
                 return value.dtype
@@ -476,7 +441,7 @@ class LegacyCheckpoint:
                     f"{key}: size {full[dim]} does not split over TP={self.tp}", self.path
                 )
             shard_shape[dim] //= self.tp
-        dtype = self.config.torch_dtype
+        dtype = self.config.element_type
         expert = names.split_expert_name(name)
         grouped = expert is not None and key.endswith(tuple(names.GROUPED_EXPERT_KEYS.values()))
 

@@ -1,7 +1,7 @@
 """Convert one TensorRT-LLM rank: plan its tensors, read each slice, cast, stream to safetensors.
 
 Every converted floating-point tensor is checked for NaN and infinite values by the writer, from
-the exponent bits of the chunks it has just written (`writer.nonfinite_in`). `Target.nonfinite`
+the exponent bits of the chunks it has just written (`dtypes.nonfinite_in`). `Target.nonfinite`
 says what to do: "warn" lists them in `RankResult.nonfinite` (and logs a warning), "error" fails
 the rank naming the tensor and the source files it was read from.
 
@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
+from converters.dtypes import DType, cast
 from converters.errors import NonFiniteWeights
 from converters.megatron.layout import SourceCheckpoint
 from converters.model import DTYPES
@@ -55,20 +56,21 @@ def _pieces(tensor: OutputTensor) -> list[LazyTensor]:
     return [source]
 
 
-def _blocks(data: torch.Tensor, dtype: torch.dtype, add_one: bool) -> Iterator[torch.Tensor]:
-    """`data` cast to `dtype` (plus 1 for zero-centred norm weights): `data` itself when it is
-    already contiguous `dtype` (written from where it lies), else blocks of rows of at most
-    CONVERT_BYTES each, so a cast or a strided copy never holds the whole tensor twice."""
-    if not add_one and data.dtype == dtype and data.is_contiguous():
+def _blocks(data: np.ndarray, src: DType, dtype: DType, add_one: bool) -> Iterator[np.ndarray]:
+    """`data` (an array of `src`) cast to `dtype` (plus 1 for zero-centred norm weights):
+    `data` itself when it is already contiguous `dtype` (written from where it lies), else
+    blocks of rows of at most CONVERT_BYTES each, so a cast or a strided copy never holds the
+    whole tensor twice."""
+    if not add_one and src == dtype and data.flags.c_contiguous:
         yield data
         return
-    if data.dim() == 0:
-        yield (data.float() + 1.0).to(dtype) if add_one else data.to(dtype).contiguous()
+    if data.ndim == 0:
+        yield cast(data, src, dtype, add_one)
         return
-    row_bytes = max(1, data[0].numel() * max(dtype.itemsize, data.dtype.itemsize))
+    row_bytes = max(1, math.prod(data.shape[1:]) * max(dtype.itemsize, src.itemsize))
     rows = max(1, CONVERT_BYTES // row_bytes)
-    for block in data.split(rows, dim=0):
-        yield (block.float() + 1.0).to(dtype) if add_one else block.to(dtype).contiguous()
+    for start in range(0, data.shape[0], rows):
+        yield cast(data[start : start + rows], src, dtype, add_one)
 
 
 def write_converted(
@@ -76,16 +78,16 @@ def write_converted(
     source: SourceCheckpoint,
     policy: str,
     tensor: OutputTensor,
-    dtype: torch.dtype,
+    dtype: DType,
 ) -> dict | None:
     """Read `tensor`, cast it to `dtype` (adding 1 to zero-centred norm weights), append it to
     `writer` piece by piece, and count its NaN and infinite values as they are written. Returns
     None, or by `policy` ("warn" | "error", see `Target.nonfinite`) a {"tensor", "count",
     "files"} record (logged as a warning) or `NonFiniteWeights` (once the tensor is written)."""
 
-    def converted() -> Iterator[torch.Tensor]:
+    def converted() -> Iterator[np.ndarray]:
         for piece in _pieces(tensor):
-            yield from _blocks(piece.materialize(), dtype, tensor.add_one)
+            yield from _blocks(piece.materialize(), piece.dtype, dtype, tensor.add_one)
 
     count = writer.write_rows(tensor.name, converted(), check_nonfinite=True)
     if not count:
@@ -94,7 +96,7 @@ def write_converted(
     numel = math.prod(tensor.source.shape)
     what = (
         f"{tensor.name} has {count} NaN or infinite value(s) of {numel} "
-        f"(as {str(dtype).removeprefix('torch.')}), read from {', '.join(files)}"
+        f"(as {dtype}), read from {', '.join(files)}"
     )
     if policy == "error":
         raise NonFiniteWeights(f"{what}; refused (nonfinite=error)", files[0])
@@ -122,7 +124,7 @@ def source_files(source: SourceCheckpoint, tensor: OutputTensor) -> list[str]:
 def write_file(
     source: SourceCheckpoint,
     tensors: list[OutputTensor],
-    dtype: torch.dtype,
+    dtype: DType,
     policy: str,
     path: Path,
     progress: Progress | None = None,

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from converters.choices import NONFINITE_POLICIES
+from converters.dtypes import DType
 from converters.errors import ConversionError, IncompatibleParallelism, UnsupportedModel
 from converters.megatron.layout import SourceCheckpoint
 from converters.model import DTYPES, ModelConfig
@@ -51,7 +50,7 @@ class OutputTensor:
     add_one: bool = False  # zero-centred norm weights (apply_layernorm_1p) are stored as gamma - 1
     dtype: str | None = None  # None: the target's dtype (the MoE router is always float32)
 
-    def output_dtype(self, default: torch.dtype) -> torch.dtype:
+    def output_dtype(self, default: DType) -> DType:
         """The dtype this tensor is written in when the target writes `default`."""
         return DTYPES[self.dtype] if self.dtype else default
 
@@ -154,7 +153,7 @@ class _RankPlanner:
         """The source bias, or zeros when the source model has none but the target expects one."""
         if self.source.has(name):
             return self.source.tensor(name)
-        return Zeros((rows,), self.cfg.torch_dtype)
+        return Zeros((rows,), self.cfg.element_type)
 
     def norm(self, out_prefix: str, src_prefix: str) -> None:
         one_p = self.cfg.apply_layernorm_1p

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from converters.errors import IncompatibleParallelism
 from converters.model import ModelConfig
@@ -111,8 +111,8 @@ class _Unsqueeze0(LazyTensor):
             return self if length == 1 else Zeros((0, *self.inner.shape), self.dtype)
         return _Unsqueeze0(self.inner.narrow(dim - 1, start, length))
 
-    def materialize(self) -> torch.Tensor:
-        return self.inner.materialize().unsqueeze(0)
+    def materialize(self) -> np.ndarray:
+        return self.inner.materialize()[None]
 
     def file_ranges(self) -> list[FileRange]:
         return self.inner.file_ranges()
@@ -123,6 +123,6 @@ class _Unsqueeze0(LazyTensor):
 
 
 def stack0(parts: list[LazyTensor]) -> LazyTensor:
-    """`torch.stack(parts)` lazily: a row-wise join of one-entry views, so the writer reads and
+    """`np.stack(parts)` lazily: a row-wise join of one-entry views, so the writer reads and
     writes one part (one expert) at a time."""
     return concat([_Unsqueeze0(part) for part in parts], 0)

@@ -24,55 +24,18 @@ from pathlib import Path
 from types import TracebackType
 
 import numpy as np
-import torch
 
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+from converters.dtypes import DType, nonfinite_in
+
 CHUNK_BYTES = 4 << 20  # written, hashed and checked at once (stays in cache for the three)
 WRITEBACK_BYTES = 64 << 20  # start writing dirty pages to disk after this many (see _Writeback)
-
-# IEEE formats: a value is NaN or ±inf exactly when its exponent bits are all ones, i.e. when its
-# bits without the sign, read as an unsigned integer, are at least the exponent mask.
-_EXPONENT_BITS: dict[torch.dtype, tuple[type, int, int]] = {
-    torch.float16: (np.uint16, 0x7FFF, 0x7C00),
-    torch.bfloat16: (np.uint16, 0x7FFF, 0x7F80),
-    torch.float32: (np.uint32, 0x7FFF_FFFF, 0x7F80_0000),
-    torch.float64: (np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
-}
-
-
-def nonfinite_in(data: memoryview | bytes, dtype: torch.dtype) -> int:
-    """NaN and ±inf values among the little-endian `dtype` values in `data` (0 for integer
-    dtypes), from the exponent bits: integer operations on a view, no float arithmetic."""
-    if dtype not in _EXPONENT_BITS:
-        if dtype.is_floating_point:
-            raise ValueError(f"no NaN/Inf check for {dtype}")
-        return 0
-    uint, magnitude, exponent = _EXPONENT_BITS[dtype]
-    bits = np.frombuffer(data, dtype=np.dtype(uint).newbyteorder("<"))
-    if not bits.size:
-        return 0
-    masked = np.bitwise_and(bits, magnitude)
-    if masked.max() < exponent:  # the common case: one pass, no count
-        return 0
-    return int(np.count_nonzero(masked >= exponent))
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
     @property
     def nbytes(self) -> int:
@@ -130,7 +93,7 @@ class SafetensorsWriter:
         offset = 0
         for spec in specs:
             header[spec.name] = {
-                "dtype": SAFETENSORS_DTYPES[spec.dtype],
+                "dtype": spec.dtype.safetensors,
                 "shape": list(spec.shape),
                 "data_offsets": [offset, offset + spec.nbytes],
             }
@@ -141,7 +104,7 @@ class SafetensorsWriter:
         self._writeback = _Writeback(self._file.fileno())
         self._emit(memoryview(struct.pack("<Q", len(encoded)) + encoded), None)
 
-    def _emit(self, data: memoryview, check: torch.dtype | None) -> int:
+    def _emit(self, data: memoryview, check: DType | None) -> int:
         """Write `data` chunk by chunk, each hashed on the helper thread while this one writes and
         checks it; returns the NaN/Inf values in it when `check` names its dtype."""
         bad = 0
@@ -157,27 +120,28 @@ class SafetensorsWriter:
             hashing.result()
         return bad
 
-    def write(self, name: str, tensor: torch.Tensor, check_nonfinite: bool = False) -> int:
-        """Append the next tensor; its name, shape and dtype must match the declared spec
-        (checked before anything is written: a refused call can be made again correctly).
-        Returns its NaN/Inf count when `check_nonfinite` (else 0)."""
+    def write(self, name: str, array: np.ndarray, check_nonfinite: bool = False) -> int:
+        """Append the next tensor (an array of the declared dtype's storage type); its name,
+        shape and dtype must match the declared spec (checked before anything is written: a
+        refused call can be made again correctly). Returns its NaN/Inf count when
+        `check_nonfinite` (else 0)."""
         spec = self.specs[self._next] if self._next < len(self.specs) else None
-        mismatched = spec is not None and (tuple(tensor.shape), tensor.dtype) != (
+        mismatched = spec is not None and (array.shape, array.dtype) != (
             spec.shape,
-            spec.dtype,
+            spec.dtype.numpy,
         )
         if spec is not None and name == spec.name and mismatched:
             raise RuntimeError(
-                f"{self.path}: {name} is {tuple(tensor.shape)} {tensor.dtype}, declared "
-                f"{spec.shape} {spec.dtype}"
+                f"{self.path}: {name} is {array.shape} {array.dtype}, declared "
+                f"{spec.shape} {spec.dtype} ({spec.dtype.numpy})"
             )
-        return self.write_rows(name, [tensor], check_nonfinite)
+        return self.write_rows(name, [array], check_nonfinite)
 
     def write_rows(
-        self, name: str, pieces: Iterable[torch.Tensor], check_nonfinite: bool = False
+        self, name: str, pieces: Iterable[np.ndarray], check_nonfinite: bool = False
     ) -> int:
         """Append the next tensor as consecutive blocks of rows (dim 0), one held at a time; their
-        rows must add up to the declared shape, in its dtype. A block that does not fit leaves the
+        rows must add up to the declared shape, in its dtype's storage type. A block that does not fit leaves the
         file unfinished: `close` then fails. Returns the NaN/Inf values written when
         `check_nonfinite` (else 0); a contiguous block is written from its own memory."""
         if self._next >= len(self.specs):
@@ -196,13 +160,13 @@ class SafetensorsWriter:
                 if shape
                 else (spec.shape == () and rows == 0)
             )
-            if not fits or piece.dtype != spec.dtype:
+            if not fits or piece.dtype != spec.dtype.numpy:
                 raise RuntimeError(
                     f"{self.path}: {name} got a block {shape} {piece.dtype} after {rows} rows, "
                     f"declared {spec.shape} {spec.dtype}"
                 )
             rows += shape[0] if shape else 1
-            data = piece.contiguous().reshape(-1).view(torch.uint8).numpy()
+            data = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
             bad += self._emit(memoryview(data), check)
         if rows != (spec.shape[0] if spec.shape else 1):
             raise RuntimeError(f"{self.path}: {name} has {rows} rows, declared {spec.shape}")

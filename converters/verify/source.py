@@ -12,6 +12,7 @@ from converters.errors import UnsupportedModel
 from converters.megatron import names
 from converters.megatron.layout import SourceCheckpoint
 from converters.model import ModelConfig
+from converters.torch_arrays import materialize
 from converters.verify import layers
 from converters.verify.model_math import ModelMath, Moe, RopeScaling
 from converters.verify.side import LOGIT_ROWS, Part, Side, Trace
@@ -96,7 +97,7 @@ class MegatronSide(Side):
         """The canonical tensor `name` as float32, None when the checkpoint has none."""
         if not self.source.has(name):
             return None
-        return self.source.tensor(name).materialize().to(torch.float32)
+        return materialize(self.source.tensor(name)).to(torch.float32)
 
     def _norm(self, name: str) -> torch.Tensor | None:
         weight = self._read(name)
@@ -120,16 +121,16 @@ class MegatronSide(Side):
 
     def source_tensor(self, name: str) -> torch.Tensor | None:
         """The stored tensor (merged over TP, in its stored dtype), None when absent."""
-        return self.source.tensor(name).materialize() if self.source.has(name) else None
+        return materialize(self.source.tensor(name)) if self.source.has(name) else None
 
     # ── parts ──────────────────────────────────────────────────────────────────────────────
     def embed(self, tokens: torch.Tensor) -> Part:
         words = self.source.tensor("embedding.word_embeddings.weight")
-        x = torch.stack([words.narrow(0, int(t), 1).materialize()[0] for t in tokens])
+        x = torch.stack([materialize(words.narrow(0, int(t), 1))[0] for t in tokens])
         x = x.to(torch.float32) * self.math.embed_scale
         if self.math.learned_positions:
             positions = self.source.tensor("embedding.position_embeddings.weight")
-            x = x + positions.narrow(0, 0, len(tokens)).materialize().to(torch.float32)
+            x = x + materialize(positions.narrow(0, 0, len(tokens))).to(torch.float32)
         return Part(x)
 
     def attention(self, layer: int, x: torch.Tensor) -> Part:
@@ -163,7 +164,7 @@ class MegatronSide(Side):
             return None
         fc1 = self.source.tensor(name)
         rows = fc1.shape[0] // 2
-        return fc1.narrow(0, half * rows, rows).materialize().float()
+        return materialize(fc1.narrow(0, half * rows, rows)).float()
 
     def _feed_forward(self, key: str, fc1: str, fc2: str) -> torch.Tensor | None:
         """gate / up / fc / down of an MLP stored as `fc1` ([gate; up] when gated) and `fc2`."""
@@ -223,7 +224,7 @@ class MegatronSide(Side):
         chunks = []
         for start in range(0, table.shape[0], LOGIT_ROWS):
             rows = min(LOGIT_ROWS, table.shape[0] - start)
-            chunks.append(normed @ table.narrow(0, start, rows).materialize().float().t())
+            chunks.append(normed @ materialize(table.narrow(0, start, rows)).float().t())
         return Part(torch.cat(chunks, dim=-1), {"final norm": Trace(normed)})
 
 

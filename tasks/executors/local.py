@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import queue as queue_module
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -38,9 +39,9 @@ OnProgress = Callable[[int, int], None]
 def _init_worker(progress_queue: Any, threads: int) -> None:
     global _progress_queue
     _progress_queue = progress_queue
-    import torch
-
-    torch.set_num_threads(threads)
+    torch = sys.modules.get("torch")  # conversions compute without torch; a step that loads it
+    if torch is not None:  # (porter verify) shares the cores as the pool does
+        torch.set_num_threads(threads)
 
 
 def _run_in_worker(
@@ -206,9 +207,8 @@ def _run_phase(run: _Run, phase: Phase, workers: int | None, settings: Settings)
 
 def _run_phase_in_pool(run: _Run, phase: Phase, count: int, workers: int) -> None:
     """Several workers: one spawned process per worker, each taking steps from the pool."""
-    # A fork server that has imported torch and Porter once: each worker then starts in milliseconds
-    # instead of re-importing torch (about a second of CPU each), and without forking this process's
-    # threads (the progress drain).
+    # A fork server that has imported Porter once: each worker then starts in milliseconds instead
+    # of re-importing it, and without forking this process's threads (the progress drain).
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["tasks.executors.local", *KIND_MODULES])
     progress_queue = context.Queue()

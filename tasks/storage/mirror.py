@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from converters.errors import ConversionError, CorruptCheckpoint
 from converters.megatron.layout import SourceCheckpoint, open_checkpoint
@@ -242,7 +242,7 @@ class _Named(LazyTensor):
     def narrow(self, dim: int, start: int, length: int) -> LazyTensor:
         return _Named(self.inner.narrow(dim, start, length), self.mirror)
 
-    def materialize(self) -> torch.Tensor:
+    def materialize(self) -> np.ndarray:
         with self.mirror.naming():
             return self.inner.materialize()
 

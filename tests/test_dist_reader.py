@@ -480,13 +480,41 @@ def test_element_type_porter_does_not_convert(copy: Path) -> None:
     assert QKV in str(err.value) and ".metadata" in str(err.value)
 
 
-def test_garbled_chunk_sizes_are_refused(copy: Path) -> None:
-    md = _trusted_metadata(copy / ".metadata")
+def _sizes_a_str(md: Any) -> None:
     md.state_dict_metadata[QKV].chunks[0].sizes = "48"
+
+
+def _no_properties(md: Any) -> None:
+    md.state_dict_metadata[QKV].properties = None
+
+
+def _name_not_a_str(md: Any) -> None:
+    md.state_dict_metadata[7] = md.state_dict_metadata.pop(QKV)
+
+
+def _index_without_name(md: Any) -> None:
+    index = next(i for i in md.storage_data if i.fqn == QKV and i.offset)
+    md.storage_data[type(index)(None, index.offset)] = md.storage_data.pop(index)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (_sizes_a_str, "a chunk size of .* is a str, not a list of integers"),
+        (_no_properties, "has a dtype that is a NoneType, not a torch dtype"),
+        (_name_not_a_str, "a tensor name is a int"),
+        (_index_without_name, "no storage entry for the chunk of"),
+    ],
+)
+def test_garbled_metadata_fields_are_refused(copy: Path, change: Any, reason: str) -> None:
+    """Fields of the wrong type in a well-formed pickle: a CorruptCheckpoint naming .metadata
+    (not a TypeError from deep inside the reader)."""
+    md = _trusted_metadata(copy / ".metadata")
+    change(md)
     (copy / ".metadata").write_bytes(pickle.dumps(md))
-    with pytest.raises(CorruptCheckpoint, match="a str, not a list of integers") as err:
+    with pytest.raises(CorruptCheckpoint, match=reason) as err:
         DistCheckpoint(copy)
-    assert QKV in str(err.value) and ".metadata" in str(err.value)
+    assert ".metadata" in str(err.value)
 
 
 def test_garbled_chunk_bytes(copy: Path) -> None:

@@ -38,7 +38,7 @@ from converters.errors import (
 from converters.megatron.dcp_metadata import Constant, TensorStorageMetadata, read_dist_metadata
 from converters.megatron.safe_load import load_pt
 from converters.tensors import FileRange, LazyTensor
-from converters.torch_zip import StoredTensor
+from converters.torch_zip import StoredTensor, shown
 
 __all__ = ["DistCheckpoint", "DistRegion", "read_dist_metadata"]
 
@@ -229,12 +229,14 @@ class DistCheckpoint:
         md_path = self.metadata_path
         storage: dict[tuple[str, tuple[int, ...]], Any] = {}
         for index, info in self.metadata.storage_data.items():
-            offset = getattr(index, "offset", None)
-            if offset is not None:
-                where = f"storage entry of {getattr(index, 'fqn', None)!r}"
-                storage[(index.fqn, _ints(offset, f"the offset of the {where}", md_path))] = info
+            fqn, offset = getattr(index, "fqn", None), getattr(index, "offset", None)
+            if isinstance(fqn, str) and offset is not None:
+                where = f"the offset of the storage entry of {shown(fqn)}"
+                storage[(fqn, _ints(offset, where, md_path))] = info
         file_sizes: dict[str, int] = {}
         for key, entry in self.metadata.state_dict_metadata.items():
+            if not isinstance(key, str):
+                raise CorruptCheckpoint(f"a tensor name is a {type(key).__name__}", md_path)
             if not isinstance(entry, TensorStorageMetadata) or "_extra_state" in key:
                 continue  # bytes entries (`_extra_state/shard_*`) are not weights
             shape = _ints(entry.size, f"the size of {key}", md_path)

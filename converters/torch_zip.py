@@ -40,6 +40,7 @@ from converters.torch_pickle import Malformed, RestrictedUnpickler, StorageType
 MAX_PICKLE_BYTES = 256 * 2**20
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # zip local file header: signature ... name/extra lengths
 _PLAIN_NAME = re.compile(r"[\w.:/\[\]-]{1,200}")
+_STORAGE_RECORD = re.compile(r"(?:^|/)data/[^/]+$")  # "<prefix>/data/<storage key>"
 
 
 def shown(name: object) -> str:
@@ -137,6 +138,11 @@ def _records(window: _Window, path: Path) -> dict[str, Record]:
             )
         records[info.filename] = Record(window.start + start, info.file_size)
     return records
+
+
+def is_storage_record(name: str) -> bool:
+    """Whether a torch.save zip record holds a storage's bytes (rather than the pickle or tags)."""
+    return bool(_STORAGE_RECORD.search(name))
 
 
 def check_torch_zip(

@@ -19,7 +19,7 @@ import torch
 from converters.errors import ConversionError, CorruptCheckpoint, NotAMegatronCheckpoint
 from converters.megatron.example import Layout
 from converters.megatron.layout import open_checkpoint
-from converters.megatron.legacy import zip_records
+from converters.torch_zip import check_torch_zip
 from converters.trtllm.convert import convert_rank
 from converters.trtllm.plan import Target, estimate_rank
 from tasks.storage import mirror, ranges, sources, sparse
@@ -365,7 +365,8 @@ def test_corrupt_object_names_its_uri(megatron, s3_env, cache, tmp_path):
 
     # A sound zip whose pickle is garbage: found by the reader, reported with the s3:// URI.
     good = bytearray((root / key).read_bytes())
-    start, length = zip_records(root / key)["model_optim_rng/data.pkl"]
+    pickle = check_torch_zip(root / key, root / key)["model_optim_rng/data.pkl"]
+    start, length = pickle.offset, pickle.nbytes
     good[start : start + length] = random.Random(1).randbytes(length)
     put(s3_env, f"ckpt/{key}", bytes(good))
     with pytest.raises(CorruptCheckpoint) as info:

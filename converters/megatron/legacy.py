@@ -8,9 +8,6 @@ never the optimizer state stored in the same files).
 from __future__ import annotations
 
 import dataclasses
-import re
-import struct
-import zipfile
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,6 @@ from converters.megatron.rank_dirs import (
     MODEL_FILES,
     RankKey,
     find_rank_dirs,
-    is_rank_model_file,  # noqa: F401  (re-exported)
     rank_dir_name,
     rank_key,
 )
@@ -34,37 +30,6 @@ from converters.megatron.safe_load import load_pt
 from converters.model import ModelConfig
 from converters.tensors import Concat, FileRange, LazyTensor, concat, narrow
 from converters.torch_zip import StoredTensor
-
-_STORAGE_RECORD = re.compile(r"(?:^|/)data/[^/]+$")  # torch.save: "<archive>/data/<storage key>"
-_LOCAL_HEADER = struct.Struct("<4s22xHH")  # zip local file header: signature ... name/extra lengths
-
-
-def is_storage_record(name: str) -> bool:
-    """Whether a torch.save zip record holds a storage's bytes (rather than the pickle or tags)."""
-    return bool(_STORAGE_RECORD.search(name))
-
-
-def zip_records(path: Path) -> dict[str, tuple[int, int]]:
-    """{record name: (data offset, stored length)} of a zip file.
-
-    Reads only the central directory and each record's 30-byte local header.
-    """
-    try:
-        with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
-            records = {}
-            for info in archive.infolist():
-                f.seek(info.header_offset)
-                header = f.read(_LOCAL_HEADER.size)
-                if len(header) != _LOCAL_HEADER.size:
-                    raise CorruptCheckpoint(f"zip record {info.filename} is truncated", path)
-                magic, name_len, extra_len = _LOCAL_HEADER.unpack(header)
-                if magic != b"PK\x03\x04":
-                    raise CorruptCheckpoint(f"zip record {info.filename} has a bad header", path)
-                start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-                records[info.filename] = (start, info.compress_size)
-            return records
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CorruptCheckpoint(f"cannot read the zip directory: {exc}", path) from exc
 
 
 def _narrowed(stored: StoredTensor, region: tuple[tuple[int, int, int], ...]) -> StoredTensor:

@@ -34,8 +34,9 @@ import numpy as np
 
 from converters.errors import ConversionError, CorruptCheckpoint
 from converters.megatron.layout import SourceCheckpoint, open_checkpoint
-from converters.megatron.legacy import is_rank_model_file, is_storage_record, zip_records
+from converters.megatron.rank_dirs import is_rank_model_file
 from converters.tensors import FileRange, LazyTensor
+from converters.torch_zip import check_torch_zip, is_storage_record
 from tasks.storage.ranges import Range
 from tasks.storage.sparse import THREADS, FetchStats, Location, SparseObject, digest
 
@@ -100,10 +101,14 @@ def _fetch_zip_metadata(part: SparseObject, stats: FetchStats) -> None:
         raise CorruptCheckpoint(f"cannot read the zip directory: {exc}", part.uri) from exc
     part.ensure(headers, stats)
     try:
-        records = zip_records(part.data)
+        records = check_torch_zip(part.data, part.data)
     except CorruptCheckpoint as exc:
         raise CorruptCheckpoint(exc.reason, part.uri) from exc
-    small = [(s, s + n) for name, (s, n) in records.items() if not is_storage_record(name)]
+    small = [
+        (r.offset, r.offset + r.nbytes)
+        for name, r in records.items()
+        if not is_storage_record(name)
+    ]
     part.ensure(small, stats)
 
 

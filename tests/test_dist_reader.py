@@ -438,6 +438,27 @@ def test_malicious_metadata_is_refused(copy: Path, tmp_path: Path, nested: bool)
     assert not marker.exists()
 
 
+def test_malicious_chunk_is_refused(copy: Path, tmp_path: Path) -> None:
+    """A chunk's storage entry pointed at a code-running torch.save blob appended to its file."""
+    marker = tmp_path / "pwned"
+    blob = tmp_path / "blob.pt"
+    torch.save({"x": _Payload(marker), "pad": torch.zeros(48 * 64)}, blob)  # as long as a chunk
+    md = _trusted_metadata(copy / ".metadata")
+    index = next(i for i in md.storage_data if i.fqn == QKV and i.offset)
+    info = md.storage_data[index]
+    data = copy / info.relative_path
+    info.offset, info.length = data.stat().st_size, blob.stat().st_size
+    with data.open("ab") as f:
+        f.write(blob.read_bytes())
+    (copy / ".metadata").write_bytes(pickle.dumps(md))
+    ckpt = DistCheckpoint(copy)
+    with pytest.raises(UnsafeCheckpoint, match="system") as err:
+        ckpt.tensor(QKV).materialize()
+    assert f"{data}: chunk of {QKV} at offsets {list(index.offset)}" in str(err.value)
+    assert "nothing from the file was executed" in str(err.value)
+    assert not marker.exists()
+
+
 def test_truncated_distcp_is_reported_at_open(copy: Path) -> None:
     target = copy / "__0_0.distcp"
     target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])

@@ -23,9 +23,10 @@ HOUR = 3600
 class Settings:
     # Share of available RAM the local executor may plan to use for rank processes.
     memory_fraction: float = 0.8
-    # Resident memory of an idle rank process (Python + torch), added to each rank's planned peak.
+    # Resident memory of a rank process besides its tensors, added to each rank's planned peak: a
+    # conversion step needs Python and numpy (~45 MiB); a verify step also loads torch (~220 MiB).
     process_overhead_bytes: int = 400 * 2**20
-    # Output bytes that make an extra rank process worth its start-up (about a second of CPU).
+    # Output bytes that make an extra rank process worth its start-up (~0.4 s: a fork server).
     bytes_per_worker: int = 2 * 2**30
 
     # Broker, result backend and job records (one Redis). `rediss://` for TLS.

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from converters.errors import NotAMegatronCheckpoint
 
-if TYPE_CHECKING:  # finding and identifying a checkpoint needs no torch; reading it does
+if TYPE_CHECKING:  # finding and identifying a checkpoint needs no numpy; reading it does
     from converters.model import ModelConfig
     from converters.tensors import LazyTensor
 

@@ -60,7 +60,7 @@ from tasks.storage.store import open_store
 if TYPE_CHECKING:
     from converters.hf.plan import HfTarget
 
-# The converters (torch) are imported by the steps that use them: the command line and the job
+# The converters (numpy, the readers) are imported by the steps that use them: the command line and the job
 # service load this module to check specs and show records (tests/test_cli_imports.py).
 
 KIND = "megatron-hf"

@@ -19,7 +19,7 @@ from tasks.kinds.base import human, human_rate, local_location
 from tasks.kinds.verify_step import verification_line
 from tasks.storage.store import open_store
 
-if TYPE_CHECKING:  # the readers import torch: only the steps that read a checkpoint load them
+if TYPE_CHECKING:  # the readers import numpy: only the steps that read a checkpoint load them
     from converters.megatron.layout import SourceCheckpoint
 
 

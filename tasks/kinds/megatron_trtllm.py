@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from converters.trtllm.convert import Progress
     from converters.trtllm.plan import Target
 
-# The converters (torch) are imported by the steps that use them: the command line and the job
+# The converters (numpy, the readers) are imported by the steps that use them: the command line and the job
 # service load this module to check specs and show records (tests/test_cli_imports.py).
 
 KIND = "megatron-trtllm"

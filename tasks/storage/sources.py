@@ -35,7 +35,7 @@ from tasks.storage.base import ArtifactStore
 from tasks.storage.sparse import FetchStats, Location, SourceChanged, SourceObject, read_exactly
 from tasks.storage.store import open_store
 
-if TYPE_CHECKING:  # listing a source (its identity) needs no torch; the readers below import it
+if TYPE_CHECKING:  # listing a source (its identity) needs no numpy; the readers below import it
     from converters.tensors import LazyTensor
     from converters.trtllm.plan import Target
 

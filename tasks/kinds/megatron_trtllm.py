@@ -326,7 +326,7 @@ def _print_plan(inspected: dict[str, Any]) -> None:
     worst = max(r["peak_bytes"] for r in inspected["ranks"]) + overhead
     print(
         f"a worker process needs about {human(worst)} of RAM per concurrent rank "
-        f"(peak tensors + {human(overhead)} for Python and torch); "
+        f"(peak tensors + {human(overhead)} for the process itself); "
         f"{len(inspected['ranks'])} ranks can run in parallel"
     )
 

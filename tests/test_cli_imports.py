@@ -2,7 +2,8 @@
 job service behind `--wait`) import neither torch, numba, numpy, Celery nor megatron-core, so
 they answer in a fraction of a second. Checked in a fresh interpreter through `sys.modules` (a
 correctness check of what is imported, not a timing). And `--wait` hears at once that a job
-ended: the end is published by whatever writes it."""
+ended: the end is published by whatever writes it. And `porter` run as the program spares its
+shutdown the final garbage collection; `main(argv)` called in a process that goes on does not."""
 
 from __future__ import annotations
 
@@ -64,6 +65,28 @@ def test_help_and_every_kind_parser_import_nothing_heavy():
     assert _porter(["--help"], forbidden=HELP_ONLY) == {"code": 0, "heavy": []}
     for kind in ("megatron-trtllm", "megatron-hf", "powerinfer-index"):
         assert _porter(["submit", kind, "--help"]) == {"code": 0, "heavy": []}
+
+
+def test_only_the_program_skips_the_collection_at_exit():
+    """`porter` run as the program freezes the collector's objects as it ends (its shutdown then
+    skips a ≈30 ms collection over the redis client's modules); `main(argv)` in a process that
+    goes on (tests, embedders) must leave the collector as it was."""
+    code = (
+        "import gc, sys\n"
+        "from tasks.cli.main import main\n"
+        "sys.argv = ['porter', '--help']\n"
+        "for argv in (['--help'], None):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "    print('frozen', gc.get_freeze_count(), file=sys.stderr)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    counts = [int(line.split()[1]) for line in out.stderr.splitlines() if line[:7] == "frozen "]
+    assert len(counts) == 2 and counts[0] == 0 and counts[1] > 10_000, (counts, out.stderr[-2000:])
 
 
 @pytest.fixture

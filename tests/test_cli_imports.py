@@ -197,3 +197,22 @@ def test_listing_an_s3_source_imports_no_torch(s3_env, tmp_path):
     assert out.stdout.strip(), out.stderr[-2000:]
     answer = json.loads(out.stdout.strip().splitlines()[-1])
     assert answer == {"files": ["iter_0000010/mp_rank_00/model_optim_rng.pt"], "heavy": []}
+
+
+@pytest.mark.parametrize("kind", ["megatron-trtllm", "megatron-hf"])
+def test_a_conversion_imports_no_torch(megatron, tmp_path, kind):
+    """`porter convert` reads (legacy .pt and torch_dist) and writes with numpy only: the 1.3 s
+    torch import was more than the whole copy of a 1 GiB checkpoint (issue 16)."""
+    from tests.conftest import LAYOUTS
+
+    for layout in (LAYOUTS[1], LAYOUTS[4]):  # legacy TP2, torch_dist TP2
+        assert layout.tp == 2
+        source = megatron("llama").paths[layout]
+        out = tmp_path / f"{kind}-{layout.dirname}"
+        args = ["convert", kind, str(source), str(out), "--quiet"]
+        args += ["--tp", "4"] if kind == "megatron-trtllm" else []
+        forbidden = ("torch", "megatron", "celery", "transformers", "safetensors", "numba")
+        got = _porter(args, forbidden=forbidden)
+        heavy = [name for name in got["heavy"] if name != "numpy"]
+        assert (got["code"], heavy) == (0, []), layout
+        assert (out / "manifest.json").exists()

@@ -346,12 +346,12 @@ def run(
         if not last_round:
             _clear(out)
 
-    imports = [
-        measure(
-            [py, "-c", "import torch, tasks.kinds.megatron_trtllm, tasks.executors.local"]
-        ).wall_s
-        for _ in range(3)
-    ]
+    rank_code = (
+        "import tasks.kinds.megatron_trtllm, tasks.executors.local, converters.trtllm.convert, "
+        "converters.megatron.legacy, converters.megatron.dist"
+    )
+    imports = [measure([py, "-c", rank_code]).wall_s for _ in range(3)]
+    torch_imports = [measure([py, "-c", "import torch"]).wall_s for _ in range(3)]
     diffs = compare_outputs(keep[porter_label(1)], keep[BASELINE])
     config_diffs = compare_configs(keep[porter_label(1)], keep[BASELINE])
     rows = {}
@@ -380,6 +380,7 @@ def run(
         },
         "rounds": rounds,
         "import_s": statistics.median(imports),
+        "torch_import_s": statistics.median(torch_imports),
         "scratch_fs": _scratch_fs(scratch),
     }
 
@@ -534,17 +535,19 @@ def report(res: dict[str, Any], mach: dict[str, Any], command: str) -> str:
         "",
         "### Fixed costs",
         "",
-        f"- Starting a Python process that imports torch and Porter's rank code takes "
-        f"{res['import_s']:.2f} s here (median of 3). `porter convert` pays it once. With "
-        "`--workers N > 1` the rank processes fork from a server that imports torch once more "
-        "(so about one more start-up), then start in milliseconds.",
-        "- Why more workers do not help here: one worker already runs within about "
-        "1.3 s of the copy bound once its own start-up is taken away, and the copy bound is the "
-        "disk's (a virtual disk written through the page cache) — the bandwidth binds with a "
-        "single worker. Extra workers add the fork server's start-up and about 0.15 GiB of "
-        "anonymous memory each (torch's own). This is why `porter convert` only uses several "
-        "processes by default when each gets at least `PORTER_BYTES_PER_WORKER` (2 GiB) of output.",
-        "- The exporter path pays it too (plus megatron-core's imports).",
+        f"- Starting a Python process that imports Porter's rank code (numpy, the readers, the "
+        f"writer; no torch) takes {res['import_s']:.2f} s here (median of 3); importing torch "
+        f"alone takes {res['torch_import_s']:.2f} s, which `porter convert` paid before issue 16 "
+        "(more than the whole copy bound of 1 GiB on a fast-disk day). With `--workers N > 1` "
+        "the rank processes fork from a server that imports the rank code once more, then start "
+        "in milliseconds.",
+        "- Why more workers do not help here: the copy bound is the disk's (a virtual disk "
+        "written through the page cache), and one worker already runs at about its speed (the "
+        "sha256 of every written byte, about 0.6 s per GiB, runs on the second core meanwhile). "
+        "Extra workers add the fork server's start-up. This is why `porter convert` only uses "
+        "several processes by default when each gets at least `PORTER_BYTES_PER_WORKER` (2 GiB) "
+        "of output.",
+        "- The exporter path imports torch and megatron-core.",
         "",
         "### Targets (`--workers 1` unless stated)",
         "",

@@ -34,16 +34,18 @@ from pathlib import Path
 
 import torch
 
+from converters.dtypes import DType
 from converters.megatron.layout import open_checkpoint
+from converters.torch_arrays import torch_dtype
 from converters.trtllm import convert, writer
 from converters.trtllm.plan import Target
 
 
-def _sum_check(data: memoryview, dtype: torch.dtype) -> int:
+def _sum_check(data: memoryview, dtype: DType) -> int:
     """The earlier check: a float sum of the values, counted only when not finite."""
     if not dtype.is_floating_point or not len(data):
         return 0
-    tensor = torch.frombuffer(data, dtype=dtype)
+    tensor = torch.frombuffer(data, dtype=torch_dtype(dtype))
     return 0 if bool(torch.isfinite(tensor.sum())) else int((~torch.isfinite(tensor)).sum())
 
 

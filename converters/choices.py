@@ -1,5 +1,5 @@
-"""Values a job spec may name, importable without torch (the command line and the job service
-check specs with them; the converters map them to torch types)."""
+"""Values a job spec may name, importable without numpy (the command line and the job service
+check specs with them; the converters map them to `converters.dtypes.DType`)."""
 
 from __future__ import annotations
 

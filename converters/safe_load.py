@@ -8,10 +8,10 @@ classes become inert stand-ins (`stubs`; the Megatron reader stubs `megatron.` c
 `converters.megatron.safe_load`): they are never imported or run. Any other global is refused by
 name (`UnsafeCheckpoint`, all of them, sorted) and nothing is executed.
 
-Before the pickle is read, the zip directory is checked (`check_torch_zip`): torch.save writes
+Before the pickle is read, the zip directory is checked (`torch_zip.check_torch_zip`): torch.save writes
 every record uncompressed, so a compressed record (a zip bomb that would inflate in memory), a
 record claiming more bytes than the file holds or a huge pickle is refused. Every tensor must lie
-within its storage and claim no more bytes than it holds (`check_tensor_sizes`): an expanded
+within its storage and claim no more bytes than it holds (`torch_zip.check_tensor_sizes`): an expanded
 (stride-0) tensor of a few bytes claiming 10^12 elements would otherwise allocate terabytes when
 converted.
 """
@@ -24,13 +24,6 @@ from typing import Any
 
 from converters import torch_zip
 from converters.errors import CorruptCheckpoint
-from converters.torch_pickle import ALLOWED as _ALLOWED  # noqa: F401  (the allow-list, re-exported)
-from converters.torch_zip import (  # noqa: F401  (re-exported)
-    MAX_PICKLE_BYTES,
-    StoredTensor,
-    check_tensor_sizes,
-    check_torch_zip,
-)
 
 
 def load_pt(

@@ -30,6 +30,7 @@ from converters.errors import (
 from converters.megatron import dcp_metadata
 from converters.megatron import dist as dist_mod
 from converters.megatron.dist import DistCheckpoint, read_dist_metadata
+from converters.torch_arrays import from_torch
 
 pytest.importorskip("megatron.core")
 
@@ -141,16 +142,9 @@ def copy(real: dict[str, Any], tmp_path: Path) -> Path:
     return Path(shutil.copytree(real["dir"], tmp_path / "ckpt"))
 
 
-def _bits(tensor: torch.Tensor) -> np.ndarray:
-    """The numpy array a reader returns for `tensor` (bfloat16 as its uint16 bits)."""
-    if tensor.dtype == torch.bfloat16:
-        return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
-    return tensor.contiguous().numpy()
-
-
 def _assert_same(got: np.ndarray, want: torch.Tensor, what: Any) -> None:
     """`got` holds exactly `want`'s bits, shape and element type."""
-    want_bits = _bits(want)
+    want_bits, _ = from_torch(want)  # the array a reader returns (bf16 as uint16 bits)
     assert isinstance(got, np.ndarray), what
     assert got.shape == want_bits.shape and got.dtype == want_bits.dtype, what
     assert got.tobytes() == want_bits.tobytes(), what

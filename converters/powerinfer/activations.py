@@ -21,7 +21,8 @@ from converters.powerinfer.errors import (
     MissingActivationLayer,
     NotATensor,
 )
-from converters.safe_load import StoredTensor, load_pt
+from converters.safe_load import load_pt
+from converters.torch_zip import StoredTensor
 
 ACTIVATION_NAME = re.compile(r"activation_([0-9]+)\.pt")
 

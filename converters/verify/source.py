@@ -11,13 +11,11 @@ import torch
 from converters.errors import UnsupportedModel
 from converters.megatron import names
 from converters.megatron.layout import SourceCheckpoint
-from converters.model import ModelConfig
+from converters.model import LLAMA3_ROPE_CONSTANTS, ModelConfig
 from converters.torch_arrays import materialize
 from converters.verify import layers
 from converters.verify.model_math import ModelMath, Moe, RopeScaling
 from converters.verify.side import LOGIT_ROWS, Part, Side, Trace
-
-_ROPE_CONSTANTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
 
 
 def _moe(cfg: ModelConfig) -> Moe | None:
@@ -56,7 +54,7 @@ def source_math(cfg: ModelConfig) -> ModelMath:
     rope = cfg.position_embedding_type == "rope"
     scaling = None
     if rope and cfg.rope_scaling_factor is not None:
-        scaling = RopeScaling(cfg.rope_scaling_factor, **_ROPE_CONSTANTS)
+        scaling = RopeScaling(cfg.rope_scaling_factor, **LLAMA3_ROPE_CONSTANTS)
     return ModelMath(
         layers=cfg.num_layers,
         hidden=cfg.hidden_size,
